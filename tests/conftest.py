@@ -1,0 +1,56 @@
+"""One local SparkSession for the whole test session, and a process-leak check."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import psutil
+import pytest
+
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from pyspark.sql import SparkSession
+    session = (SparkSession.builder.master("local[2]")
+               .appName("workerbridge-tests")
+               .config("spark.ui.enabled", "false")
+               .config("spark.driver.host", "127.0.0.1")
+               .config("spark.driver.bindAddress", "127.0.0.1")
+               .config("spark.sql.shuffle.partitions", "4")
+               .config("spark.sql.session.timeZone", "UTC")
+               .config("spark.task.maxFailures", "1")
+               .getOrCreate())
+    yield session
+    session.stop()
+
+
+def child_processes() -> set:
+    """Our children: PyScript / RScript processes anywhere below this test process."""
+    found = set()
+    for p in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if "workerbridge.child_python" in cmd or "child.R" in cmd:
+            found.add(p.pid)
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_children():
+    """After every test: no PyScript or RScript child is left running."""
+    before = child_processes()
+    yield
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        left = child_processes() - before
+        if not left:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"child processes outlived their tasks: {sorted(left)}")

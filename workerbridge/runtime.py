@@ -1,0 +1,73 @@
+"""The children's source files, shipped with each task and laid out on the executor.
+
+Covers: collecting the files a child runs (the Python child, the protocol, the
+R scripts) on the driver as text, and writing them once per content hash into a
+private directory on the executor.  An executor therefore needs only an
+interpreter (``python`` with pyarrow, pandas and cloudpickle, or ``Rscript``),
+never an installed workerbridge, and a ``python=`` interpreter from another
+venv sees only these files, not the driver's site-packages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+PYTHON_FILES = ("__init__.py", "protocol.py", "child_python.py", "userlog.py")
+R_FILES = ("protocol.R", "arrow_ipc.R", "child.R")
+
+
+def r_scripts_dir() -> Path:
+    """Where the R files are: inside the package (a wheel) or beside it (a checkout)."""
+    for candidate in (PACKAGE_DIR / "rscripts", PACKAGE_DIR.parent / "rscripts"):
+        if (candidate / "child.R").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"the R child's files (rscripts/child.R) are neither in {PACKAGE_DIR} nor beside it; "
+        "reinstall workerbridge")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Relative path → file text, and the hash that names the directory."""
+
+    files: dict = field(hash=False)
+    digest: str = ""
+
+    @classmethod
+    def collect(cls, with_r: bool) -> "Runtime":
+        files = {f"workerbridge/{name}": (PACKAGE_DIR / name).read_text("utf-8")
+                 for name in PYTHON_FILES}
+        if with_r:
+            rdir = r_scripts_dir()
+            files.update({f"rscripts/{name}": (rdir / name).read_text("utf-8") for name in R_FILES})
+        h = hashlib.sha256()
+        for path in sorted(files):
+            h.update(path.encode() + b"\0" + files[path].encode("utf-8") + b"\0")
+        return cls(files, h.hexdigest()[:16])
+
+    def materialize(self, base: str | None = None) -> Path:
+        """The directory holding these files, written on first use (atomically)."""
+        root = Path(base or tempfile.gettempdir()) / f"workerbridge-runtime-{os.getuid()}-{self.digest}"
+        if root.is_dir():
+            return root
+        staging = Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
+        for rel, text in self.files.items():
+            target = staging / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text, "utf-8")
+        try:
+            os.rename(staging, root)           # another task may have won the race
+        except OSError:
+            _remove_tree(staging)
+        return root
+
+
+def _remove_tree(path: Path) -> None:
+    for sub in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        sub.rmdir() if sub.is_dir() else sub.unlink()
+    path.rmdir()

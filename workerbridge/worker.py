@@ -1,0 +1,384 @@
+"""The Worker: runs one partition task through a child process.
+
+Covers: the backend socket (127.0.0.1, ephemeral port, one authenticated
+connection), spawning the child with a per-task secret on its stdin, the
+handshake, streaming Arrow batches to the child on a writer thread while the
+task's thread reads the child's frames, casting the result to the output
+schema, and turning every way a child can fail into a typed error that names
+the partition and the language.  Reads wait on the socket and the child
+process together, so a dead child is seen at once.  Does not cover: Spark
+(``api`` hands it an iterator of batches), the children themselves.
+
+The same code runs on the driver for schema inference (no output schema).
+"""
+
+from __future__ import annotations
+
+import hmac
+import io
+import json
+import os
+import secrets
+import select
+import shutil
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Optional
+
+import pyarrow as pa
+
+from . import protocol as P
+from .closure import R_LANG, Closure
+from .errors import ChildDiedError, ClosureError, LimitError, TaskError, TransportError
+from .logs import GatewayAddress, LogSink
+from .runtime import Runtime
+from .supervise import Child, exit_name
+
+POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    python: Optional[str] = None         # the task's own interpreter when None
+    rscript: str = "Rscript"
+    connect_timeout: float = 60.0        # spawn → authenticated connection
+    auth_timeout: float = 10.0           # accepted connection → secret
+    timeout: Optional[float] = None      # the whole task, once the child is started
+    env: dict = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything a task needs; pickled once on the driver into the Spark closure."""
+
+    closure: Closure
+    runtime: Runtime
+    out_schema: Optional[pa.Schema] = None
+    gateway: Optional[GatewayAddress] = None
+    options: WorkerOptions = WorkerOptions()
+
+
+class _Gone(Exception):
+    """Raised inside a read: the child exited, or the deadline passed."""
+
+
+class _Deadline(_Gone):
+    pass
+
+
+class _ChildReader(io.RawIOBase):
+    """Reads the socket, but notices a dead child or a passed deadline at once."""
+
+    def __init__(self, sock: socket.socket, child: Child, deadline: Optional[float]):
+        self.sock, self.child, self.deadline = sock, child, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        while True:
+            ready, _, _ = select.select([self.sock], [], [], POLL_S)
+            if ready:
+                return self.sock.recv_into(buf)
+            if self.child.poll() is not None:
+                raise _Gone(f"the child exited ({exit_name(self.child.returncode)})")
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                raise _Deadline("deadline passed")
+
+
+class Worker:
+    """One partition task: ``Worker(spec, partition, task_id).run(batches)``."""
+
+    def __init__(self, spec: TaskSpec, partition: object, task_id: object):
+        self.spec = spec
+        self.closure = spec.closure
+        self.partition = partition
+        self.task_id = task_id
+        self.role = spec.closure.role
+        self.language = spec.closure.language_name
+        self.log = LogSink(task_id, spec.gateway)
+        self.child: Optional[Child] = None
+        self.stats: dict = {}
+        self._writer_error: Optional[BaseException] = None
+
+    # ---- the task -----------------------------------------------------------------
+    def run(self, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        try:
+            it = iter(batches)
+            first = next((b for b in it if b.num_rows > 0), None)
+            if first is None:
+                self.log.write("Worker", f"partition {self.partition} is empty; no child started")
+                return
+            self.log.write("Worker", f"partition {self.partition} compute starting")
+            yield from self._run(first, it)
+        finally:
+            self.log.flush()
+
+    def _run(self, first: pa.RecordBatch, rest: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        listener = socket.create_server(("127.0.0.1", 0), backlog=4)
+        conn: Optional[socket.socket] = None
+        writer: Optional[threading.Thread] = None
+        started = time.monotonic()
+        opts = self.spec.options
+        deadline = started + opts.timeout if opts.timeout else None
+        try:
+            secret = secrets.token_hex(P.SECRET_BYTES)
+            port = listener.getsockname()[1]
+            self.child = self._spawn(port, secret)
+            self.log.write("Worker", f"started {self.role} (pid {self.child.pid})")
+            self.log.write("Worker", f"is waiting for {self.role} to connect to port {port}")
+            conn, stream = self._accept(listener, secret, started + opts.connect_timeout)
+            listener.close()                      # a second connection is refused
+            P.send_json(conn, P.TASK, self._task_json())
+            P.send_frame(conn, P.CLOSURE, self.closure.code)
+            P.send_frame(conn, P.INPUT)
+            writer = threading.Thread(target=self._write_input, args=(conn, first, rest),
+                                      name="workerbridge-input", daemon=True)
+            writer.start()
+            stream.raw.deadline = deadline
+            yield from self._read_result(stream)
+            P.send_frame(conn, P.BYE)
+            self.child.close_stdin()
+            self.child.wait(1.0)
+            self.log.write("Worker", f"{self.language} process completed")
+        except TaskError:
+            raise
+        except GeneratorExit:
+            raise
+        except BaseException as e:                    # classify what broke
+            raise self._classify(e, deadline) from e
+        finally:
+            listener.close()
+            if conn is not None:
+                try:
+                    conn.close()
+                except OSError:
+                    pass
+            if self.child is not None:
+                left = self.child.end()
+                if left:
+                    self.log.write("Worker", f"could not end processes {left}", "ERROR")
+                self.child.release()
+            if writer is not None:
+                writer.join(5.0)
+
+    # ---- steps ------------------------------------------------------------------------
+    def _spawn(self, port: int, secret: str) -> Child:
+        opts = self.spec.options
+        root = self.spec.runtime.materialize()
+        env = dict(os.environ)
+        env.update({str(k): str(v) for k, v in opts.env.items()})
+        env[P.ENV_PORT] = str(port)
+        env[P.ENV_HOST] = "127.0.0.1"
+        if self.closure.language == R_LANG:
+            exe = shutil.which(opts.rscript)
+            if exe is None:
+                raise ChildDiedError(
+                    f"Rscript not found as {opts.rscript!r}", exit_code=None, stderr_tail="",
+                    partition=self.partition, language=self.language, role=self.role,
+                    hint="install R on every node (Debian: apt-get install r-base-core), "
+                         "or pass rscript='/path/to/Rscript' or set spark.workerbridge.rscript")
+            argv = [exe, "--vanilla", str(root / "rscripts" / "child.R")]
+        else:
+            exe = opts.python or sys.executable
+            if shutil.which(exe) is None:
+                raise ChildDiedError(
+                    f"Python interpreter not found: {exe!r}", exit_code=None, stderr_tail="",
+                    partition=self.partition, language=self.language, role=self.role,
+                    hint="pass python= an interpreter that exists on every node and has "
+                         "pyarrow, pandas and cloudpickle")
+            argv = [exe, "-m", "workerbridge.child_python"]
+            env["PYTHONPATH"] = str(root)
+            env.pop("PYTHONSTARTUP", None)
+        return Child(argv, env, secret)
+
+    def _accept(self, listener: socket.socket, secret: str, deadline: float):
+        """The first connection that proves the secret; strangers are refused."""
+        want = secret.encode("ascii")
+        while True:
+            ready, _, _ = select.select([listener], [], [], POLL_S)
+            if not ready:
+                if self.child.poll() is not None:
+                    raise self._died(f"the {self.role} child exited before connecting")
+                if time.monotonic() > deadline:
+                    raise LimitError(
+                        f"{self.role} did not connect within {self.spec.options.connect_timeout:g} s",
+                        exit_code=self.child.poll(), stderr_tail=self.child.stderr_tail(),
+                        partition=self.partition, language=self.language, role=self.role,
+                        hint="the child may be stuck starting up; see its stderr above")
+                continue
+            conn, _ = listener.accept()
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            stream = io.BufferedReader(
+                _ChildReader(conn, self.child,
+                             min(deadline, time.monotonic() + self.spec.options.auth_timeout)),
+                buffer_size=1 << 20)
+            try:
+                got = P.expect(stream, P.AUTH, P.MAX_AUTH_BYTES)
+                ok = hmac.compare_digest(got, want)
+            except (_Deadline, P.ProtocolError, OSError):
+                ok = False
+            except _Gone:
+                conn.close()
+                raise self._died(f"the {self.role} child exited before authenticating") from None
+            if not ok:
+                self.log.write("Worker", "refused a backend connection without the task's secret",
+                               "WARN")
+                conn.close()
+                continue
+            hello = P.decode_json(P.expect(stream, P.HELLO, P.MAX_AUTH_BYTES))
+            if hello.get("protocol") != P.PROTOCOL_VERSION:
+                conn.close()
+                raise TransportError(
+                    f"{self.role} speaks protocol {hello.get('protocol')}, this Worker "
+                    f"{P.PROTOCOL_VERSION}", partition=self.partition, language=self.language,
+                    role=self.role, hint="driver and executors run different workerbridge versions")
+            P.send_json(conn, P.WELCOME, {"protocol": P.PROTOCOL_VERSION})
+            self.stats["child_pid"] = hello.get("pid")
+            stream.raw.deadline = None
+            return conn, stream
+
+    def _task_json(self) -> dict:
+        msg = {"partition": self.partition, "task_id": str(self.task_id),
+               "closure_hash": self.closure.digest, "options": self.closure.options}
+        if self.closure.context_json is not None:
+            msg["context"] = json.loads(self.closure.context_json)
+        return msg
+
+    def _write_input(self, conn: socket.socket, first: pa.RecordBatch,
+                     rest: Iterator[pa.RecordBatch]) -> None:
+        """Writer thread: the partition's rows as one Arrow stream.  Never raises."""
+        rows = 0
+        try:
+            sink = _SocketSink(conn)
+            with pa.ipc.new_stream(sink, first.schema) as w:
+                w.write_batch(first)
+                rows += first.num_rows
+                for batch in rest:
+                    if batch.num_rows:
+                        w.write_batch(batch)
+                        rows += batch.num_rows
+            self.stats["rows_sent"] = rows
+        except BaseException as e:                  # noqa: BLE001 - stored, re-raised by the reader
+            self._writer_error = e
+
+    def _read_result(self, stream: io.BufferedReader) -> Iterator[pa.RecordBatch]:
+        role_prefix = "R" if self.closure.language == R_LANG else "Py"
+        allowed = {f"{role_prefix}Script", f"{role_prefix}Closure"}
+        while True:
+            msg_type, payload = P.recv_frame(stream)
+            if msg_type == P.LOG:
+                rec = P.decode_json(payload)
+                role = rec.get("role") if rec.get("role") in allowed else self.role
+                level = rec.get("level") if rec.get("level") in ("DEBUG", "INFO", "WARN", "ERROR") \
+                    else "INFO"
+                self.log.write(role, str(rec.get("message", "")), level)
+            elif msg_type == P.ERROR:
+                raise self._closure_error(P.decode_json(payload))
+            elif msg_type == P.OUTPUT:
+                rows = 0
+                reader = pa.ipc.open_stream(stream)
+                for batch in reader:
+                    rows += batch.num_rows
+                    yield self._conform(batch)
+                self.stats["rows_out"] = rows
+            elif msg_type == P.DONE:
+                self.stats.update(P.decode_json(payload))
+                if self._writer_error is not None:
+                    raise self._writer_error
+                return
+            else:
+                raise P.ProtocolError(f"unexpected {P.MESSAGE_NAMES[msg_type]} from {self.role}")
+
+    # ---- results -------------------------------------------------------------------------
+    def _conform(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """The batch in the output schema: columns by name, types cast safely."""
+        want = self.spec.out_schema
+        if want is None:
+            return batch
+        from .schema import conform
+        try:
+            return conform(batch, want)
+        except ValueError as e:
+            raise TaskError(f"the result does not match the schema: {e}",
+                            partition=self.partition, language=self.language, role=self.role,
+                            hint="fix the closure's result or pass schema= matching it "
+                                 "(column names and types)") from None
+
+    # ---- errors -------------------------------------------------------------------------
+    def _closure_error(self, rec: dict) -> TaskError:
+        kind = rec.get("kind", "closure")
+        hints = {
+            "closure": "the error happened in your closure; its traceback is above",
+            "unpickle": "the closure could not be loaded in the child; are the modules it "
+                        "uses installed for the child's interpreter?",
+            "result": "return a DataFrame, a table, a dict of columns, or a vector",
+            "codec": "a column's type could not cross to or from R",
+            "package": "install the R package on every node, or drop it from packages=",
+        }
+        tb = rec.get("traceback") or ""
+        if isinstance(tb, list):
+            tb = "\n".join(str(x) for x in tb)
+        return ClosureError(error_type=str(rec.get("type", "Error")),
+                            message=str(rec.get("message", "")), remote_traceback=tb,
+                            call=rec.get("call") or None, partition=self.partition,
+                            language=self.language, role=self.role,
+                            hint=hints.get(kind, hints["closure"]))
+
+    def _died(self, what: str) -> ChildDiedError:
+        code = self.child.wait(1.0) if self.child is not None else None
+        return ChildDiedError(
+            f"{what}; exit code {exit_name(code)}", exit_code=code,
+            stderr_tail=self.child.stderr_tail() if self.child else "",
+            partition=self.partition, language=self.language, role=self.role,
+            hint="the child crashed or was killed; its stderr tail is above "
+                 "(a segfault, out of memory, or os._exit/quit() in the closure)")
+
+    def _classify(self, e: BaseException, deadline: Optional[float]) -> TaskError:
+        if isinstance(e, _Deadline) or (deadline is not None and time.monotonic() > deadline):
+            code = self.child.poll() if self.child else None
+            return LimitError(
+                f"timeout: the task ran over its limit of {self.spec.options.timeout:g} s",
+                exit_code=code, stderr_tail=self.child.stderr_tail() if self.child else "",
+                partition=self.partition, language=self.language, role=self.role,
+                hint="raise timeout= or make the closure faster")
+        if self.child is not None and self.child.wait(1.0) is not None:
+            return self._died(f"the {self.role} child ended before finishing its task")
+        return TransportError(
+            f"the connection to {self.role} broke: {type(e).__name__}: {e}",
+            partition=self.partition, language=self.language, role=self.role,
+            detail=("stderr tail:\n" + self.child.stderr_tail()) if self.child else "",
+            hint="the child sent something that is not the protocol; see its stderr")
+
+
+class _SocketSink:
+    """A write-only file for pyarrow's stream writer: straight to the socket."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.closed = False
+
+    def write(self, data) -> int:
+        self.sock.sendall(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def task_id_and_partition() -> tuple:
+    """Spark's task attempt id and partition index, or the pid and 0 outside a task."""
+    try:
+        from pyspark import TaskContext
+        tc = TaskContext.get()
+    except ImportError:
+        tc = None
+    if tc is None:
+        return f"driver-{os.getpid()}", 0
+    return tc.taskAttemptId(), tc.partitionId()
