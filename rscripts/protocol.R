@@ -199,10 +199,14 @@ wb_json_num <- function(x) {
     s[whole] <- sprintf("%.0f", v[whole])
     fr <- which(!whole)
     if (length(fr)) {
-      s15 <- sprintf("%.15g", v[fr])
-      redo <- as.numeric(s15) != v[fr]
-      s15[redo] <- sprintf("%.17g", v[fr][redo])
-      s[fr] <- s15
+      vf <- v[fr]
+      sf <- sprintf("%.15g", vf)
+      for (digits in c(16L, 17L)) {
+        redo <- which(as.numeric(sf) != vf)
+        if (!length(redo)) break
+        sf[redo] <- sprintf(paste0("%.", digits, "g"), vf[redo])
+      }
+      s[fr] <- sf
     }
     out[ok] <- s
   }
@@ -430,7 +434,6 @@ wb_json_decode <- function(txt, simplify = TRUE) {
     na <- switch(kind, n = NA, character = NA_character_, logical = NA)
     vals[isnull] <- list(na)
     out <- unlist(vals, use.names = FALSE)
-    if (kind == "character") Encoding(out) <- ifelse(Encoding(out) == "unknown", "unknown", "UTF-8")
     if (length(out) == 1L) out <- I(out)
     out
   }

@@ -18,7 +18,7 @@ def spark():
     from pyspark.sql import SparkSession
     session = (SparkSession.builder.master("local[2]")
                .appName("workerbridge-tests")
-               .config("spark.ui.enabled", "false")
+               .config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
                .config("spark.driver.host", "127.0.0.1")
                .config("spark.driver.bindAddress", "127.0.0.1")
                .config("spark.sql.shuffle.partitions", "4")

@@ -107,7 +107,7 @@ def run_task(task: dict, stream, channel: Channel, closures: dict) -> None:
         return
     options = task.get("options", {})
     try:
-        data = table if options.get("input") == "arrow" else table.to_pandas()
+        data = table if options.get("input") == "arrow" else to_pandas(table)
         result = call_closure(packed["func"], data, packed.get("context"), task)
     except BaseException as e:                    # noqa: BLE001
         channel.error("closure", e)
@@ -128,6 +128,24 @@ def run_task(task: dict, stream, channel: Channel, closures: dict) -> None:
         sink.flush()
     channel.log("finished")
     P.send_json(channel.sock, P.DONE, {"rows_in": table.num_rows, "rows_out": out.num_rows})
+
+
+def to_pandas(table):
+    """The table as pandas, losing nothing: integer and bool columns with nulls
+    become pandas' nullable dtypes (``Int64``, ``boolean``), not float or object,
+    so a 64-bit integer keeps every digit."""
+    import pandas as pd
+    import pyarrow as pa
+    nullable = {pa.int8(): pd.Int8Dtype(), pa.int16(): pd.Int16Dtype(),
+                pa.int32(): pd.Int32Dtype(), pa.int64(): pd.Int64Dtype(),
+                pa.uint8(): pd.UInt8Dtype(), pa.uint16(): pd.UInt16Dtype(),
+                pa.uint32(): pd.UInt32Dtype(), pa.uint64(): pd.UInt64Dtype(),
+                pa.bool_(): pd.BooleanDtype()}
+    frame = table.to_pandas()
+    for i, col in enumerate(table.columns):
+        if col.null_count and col.type in nullable:
+            frame.isetitem(i, col.to_pandas(types_mapper=nullable.get))
+    return frame
 
 
 def call_closure(func, data, context, task: dict):

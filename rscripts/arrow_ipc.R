@@ -1,0 +1,1069 @@
+# Arrow IPC *stream* reader and writer in base R.
+#
+# Written from the Arrow columnar format specification (encapsulated messages,
+# Schema.fbs, Message.fbs).  No packages: the flatbuffer reader and builder
+# below are minimal and cover what the Schema, RecordBatch and DictionaryBatch
+# messages need.
+#
+# Public functions:
+#   arrow_read_stream(src, int64 = c("double", "character"), factors = FALSE)
+#       src: a binary connection (read message by message; never reads past
+#       the end-of-stream marker), a raw vector, or a file path.
+#       Returns a base data.frame (check.names = FALSE, stringsAsFactors = FALSE).
+#   arrow_write_stream(df, con = NULL, batch_rows = 65536L)
+#       Writes df as an Arrow IPC stream to the binary connection `con`, or
+#       returns the stream as a raw vector when con is NULL.
+#   arrow_prepare_frame(df)
+#       Checks and converts the columns of df for writing (raises an
+#       arrow_codec_error naming the column if one cannot be written); the
+#       result can be passed to arrow_write_stream instead of df.
+#
+# Errors are conditions of class "arrow_codec_error" (a column or its type
+# cannot be decoded/encoded; $column names it; when reading, the rest of the
+# stream is consumed first so a socket stays in step) or "arrow_stream_error"
+# (truncated or corrupt framing/metadata), both also of class "error".
+
+# ---------------------------------------------------------------------------
+# Conditions
+
+.ai_codec_error <- function(msg, column = NA_character_) {
+  structure(class = c("arrow_codec_error", "error", "condition"),
+            list(message = msg, call = NULL, column = column))
+}
+.ai_stream_error <- function(msg) {
+  structure(class = c("arrow_stream_error", "error", "condition"),
+            list(message = msg, call = NULL))
+}
+.ai_col_error <- function(name, msg) {
+  stop(.ai_codec_error(sprintf("column '%s': %s", name, msg), column = name))
+}
+
+# ---------------------------------------------------------------------------
+# Little-endian scalar access on a raw vector (0-based positions), bounds checked
+
+.ai_check <- function(buf, pos, k) {
+  if (is.na(pos) || pos < 0 || pos + k > length(buf))
+    stop(.ai_stream_error(sprintf(
+      "corrupt Arrow metadata: read of %d bytes at offset %.0f outside a %d-byte flatbuffer",
+      k, pos, length(buf))))
+}
+.ai_u8 <- function(buf, pos) { .ai_check(buf, pos, 1L); as.integer(buf[pos + 1]) }
+.ai_i16 <- function(buf, pos) {
+  .ai_check(buf, pos, 2L)
+  readBin(buf[pos + 1:2], "integer", size = 2L, signed = TRUE, endian = "little")
+}
+.ai_u16 <- function(buf, pos) {
+  .ai_check(buf, pos, 2L)
+  readBin(buf[pos + 1:2], "integer", size = 2L, signed = FALSE, endian = "little")
+}
+.ai_i32 <- function(buf, pos) {
+  .ai_check(buf, pos, 4L)
+  v <- readBin(buf[pos + 1:4], "integer", size = 4L, endian = "little")
+  if (is.na(v)) -2147483648 else v
+}
+.ai_u32 <- function(buf, pos) {
+  v <- .ai_i32(buf, pos)
+  if (v < 0) v + 4294967296 else v
+}
+.ai_i64 <- function(buf, pos) {
+  .ai_check(buf, pos, 8L)
+  .ai_i64_vec(buf[pos + 1:8], 1L)
+}
+
+# n int64 (or uint64) values from 8*n little-endian bytes -> doubles (hi and lo
+# 32-bit halves combined; correctly rounded beyond 2^53).
+.ai_i64_halves <- function(bytes, n, signed = TRUE) {
+  v <- readBin(bytes, "integer", n = 2L * n, size = 4L, endian = "little")
+  lo <- v[c(TRUE, FALSE)]
+  hi <- v[c(FALSE, TRUE)]
+  lo <- as.numeric(lo)
+  hi <- as.numeric(hi)
+  lo[is.na(lo)] <- -2147483648
+  hi[is.na(hi)] <- -2147483648
+  lo <- lo + (lo < 0) * 4294967296
+  if (!signed) hi <- hi + (hi < 0) * 4294967296
+  list(hi = hi, lo = lo)
+}
+.ai_i64_vec <- function(bytes, n, signed = TRUE) {
+  h <- .ai_i64_halves(bytes, n, signed)
+  h$hi * 4294967296 + h$lo
+}
+
+# |value| = q * d + r exactly, for d <= 1e9, from the 32-bit halves.
+.ai_i64_divmod <- function(h, d, signed = TRUE) {
+  hi <- h$hi
+  lo <- h$lo
+  neg <- if (signed) hi < 0 else logical(length(hi))
+  if (any(neg)) {
+    w <- which(neg)
+    carry <- lo[w] == 0
+    lo[w] <- ifelse(carry, 0, 4294967296 - lo[w])
+    hi[w] <- -hi[w] - ifelse(carry, 0, 1)
+  }
+  limbs <- list(hi %/% 65536, hi %% 65536, lo %/% 65536, lo %% 65536)
+  r <- numeric(length(hi))
+  q <- numeric(length(hi))
+  for (l in limbs) {
+    cur <- r * 65536 + l
+    qd <- floor(cur / d)
+    r <- cur - qd * d
+    fix <- r < 0
+    if (any(fix)) { qd[fix] <- qd[fix] - 1; r[fix] <- r[fix] + d }
+    q <- q * 65536 + qd
+  }
+  list(neg = neg, q = q, r = r)
+}
+
+.ai_i64_to_character <- function(h, signed = TRUE) {
+  dm <- .ai_i64_divmod(h, 1e9, signed)
+  q2 <- floor(dm$q / 1e9)
+  r1 <- dm$q - q2 * 1e9
+  out <- ifelse(q2 > 0, sprintf("%.0f%09.0f%09.0f", q2, r1, dm$r),
+                ifelse(r1 > 0, sprintf("%.0f%09.0f", r1, dm$r), sprintf("%.0f", dm$r)))
+  out[dm$neg] <- paste0("-", out[dm$neg])
+  out
+}
+
+# int64 bytes from doubles that hold integral values (|x| < 2^63)
+.ai_int64_bytes <- function(x) {
+  x[is.na(x)] <- 0
+  hi <- floor(x / 4294967296)
+  lo <- x - hi * 4294967296
+  lo <- ifelse(lo >= 2147483648, lo - 4294967296, lo)
+  .ai_int32_pattern <- function(v) {
+    out <- rep(NA_integer_, length(v))
+    ok <- v != -2147483648
+    out[ok] <- as.integer(v[ok])
+    out
+  }
+  writeBin(as.vector(rbind(.ai_int32_pattern(lo), .ai_int32_pattern(hi))), raw(),
+           size = 4L, endian = "little")
+}
+
+# ---------------------------------------------------------------------------
+# Minimal flatbuffer reader
+
+.fb_table <- function(buf, pos) {
+  vt <- pos - .ai_i32(buf, pos)
+  vtlen <- .ai_u16(buf, vt)
+  if (vtlen < 4L || vtlen %% 2L != 0L) stop(.ai_stream_error("corrupt Arrow metadata: bad vtable"))
+  list(buf = buf, pos = pos, vt = vt, vtlen = vtlen)
+}
+.fb_field_pos <- function(t, slot) {
+  if (is.null(t)) return(NA)
+  at <- 4L + 2L * slot
+  if (at + 2L > t$vtlen) return(NA)
+  off <- .ai_u16(t$buf, t$vt + at)
+  if (off == 0L) NA else t$pos + off
+}
+.fb_scalar <- function(t, slot, reader, default) {
+  p <- .fb_field_pos(t, slot)
+  if (is.na(p)) default else reader(t$buf, p)
+}
+.fb_bool <- function(t, slot, default = FALSE) .fb_scalar(t, slot, .ai_u8, as.integer(default)) != 0L
+.fb_ref <- function(t, slot) {
+  p <- .fb_field_pos(t, slot)
+  if (is.na(p)) NA else p + .ai_u32(t$buf, p)
+}
+.fb_subtable <- function(t, slot) {
+  p <- .fb_ref(t, slot)
+  if (is.na(p)) NULL else .fb_table(t$buf, p)
+}
+.fb_string <- function(t, slot) {
+  p <- .fb_ref(t, slot)
+  if (is.na(p)) return(NA_character_)
+  len <- .ai_u32(t$buf, p)
+  .ai_check(t$buf, p + 4, len)
+  if (len == 0) return("")
+  bytes <- t$buf[p + 4 + seq_len(len)]
+  if (any(bytes == as.raw(0L))) stop(.ai_stream_error("corrupt Arrow metadata: NUL in a string"))
+  s <- rawToChar(bytes)
+  Encoding(s) <- "UTF-8"
+  s
+}
+.fb_vector <- function(t, slot, elem_size) {
+  p <- .fb_ref(t, slot)
+  if (is.na(p)) return(NULL)
+  len <- .ai_u32(t$buf, p)
+  .ai_check(t$buf, p + 4, len * elem_size)
+  list(start = p + 4, len = len)
+}
+.fb_table_vector <- function(t, slot) {
+  v <- .fb_vector(t, slot, 4L)
+  if (is.null(v) || v$len == 0) return(list())
+  lapply(seq_len(v$len) - 1, function(i) {
+    e <- v$start + 4 * i
+    .fb_table(t$buf, e + .ai_u32(t$buf, e))
+  })
+}
+# vector of 16-byte structs of two int64 -> list(a = <double>, b = <double>)
+.fb_pair_vector <- function(t, slot) {
+  v <- .fb_vector(t, slot, 16L)
+  if (is.null(v) || v$len == 0) return(list(a = numeric(0), b = numeric(0)))
+  x <- .ai_i64_vec(t$buf[v$start + seq_len(16 * v$len)], 2L * v$len)
+  list(a = x[c(TRUE, FALSE)], b = x[c(FALSE, TRUE)])
+}
+
+# ---------------------------------------------------------------------------
+# Minimal flatbuffer builder (forward layout: children after their parents,
+# so every uoffset points forward; vtables precede their tables).
+
+.fbb_field <- function(slot, type, value) list(slot = slot, type = type, value = value)
+.fbb_table <- function(...) list(kind = "table", fields = list(...))
+.fbb_string <- function(s) list(kind = "string", value = s)
+.fbb_tables <- function(items) list(kind = "tables", items = items)
+.fbb_structs <- function(bytes, n) list(kind = "structs", bytes = bytes, n = n)
+
+.fbb_sizes <- c(u8 = 1L, bool = 1L, i16 = 2L, i32 = 4L, i64 = 8L, off = 4L)
+
+.fbb_scalar_bytes <- function(type, value) {
+  switch(type,
+         u8 = , bool = as.raw(as.integer(value)),
+         i16 = writeBin(as.integer(value), raw(), size = 2L, endian = "little"),
+         i32 = writeBin(as.integer(value), raw(), size = 4L, endian = "little"),
+         i64 = .ai_int64_bytes(as.numeric(value)),
+         off = raw(4L))
+}
+
+.fbb_build <- function(root) {
+  b <- new.env(parent = emptyenv())
+  b$buf <- raw(1024L)
+  b$size <- 0
+  put <- function(pos, bytes) {
+    need <- pos + length(bytes)
+    if (need > length(b$buf)) {
+      nb <- raw(max(need, 2 * length(b$buf)))
+      nb[seq_len(b$size)] <- b$buf[seq_len(b$size)]
+      b$buf <- nb
+    }
+    if (length(bytes)) b$buf[pos + seq_along(bytes)] <- bytes
+    if (need > b$size) b$size <- need
+  }
+  align <- function(a, plus = 0) {
+    pad <- (a - (b$size + plus) %% a) %% a
+    if (pad) put(b$size, raw(pad))
+  }
+  u32 <- function(v) writeBin(as.integer(v), raw(), size = 4L, endian = "little")
+  patch <- function(at, target) put(at, u32(target - at))
+  emit <- function(obj) {
+    switch(obj$kind,
+      string = {
+        bytes <- charToRaw(enc2utf8(obj$value))
+        align(4)
+        pos <- b$size
+        put(pos, c(u32(length(bytes)), bytes, as.raw(0L)))
+        pos
+      },
+      structs = {
+        align(8, plus = 4)
+        pos <- b$size
+        put(pos, c(u32(obj$n), obj$bytes))
+        pos
+      },
+      tables = {
+        align(4)
+        pos <- b$size
+        n <- length(obj$items)
+        put(pos, c(u32(n), raw(4L * n)))
+        for (i in seq_len(n)) patch(pos + 4L * i, emit(obj$items[[i]]))
+        pos
+      },
+      table = {
+        fields <- obj$fields
+        nf <- length(fields)
+        sizes <- vapply(fields, function(f) .fbb_sizes[[f$type]], 1L)
+        ord <- order(-sizes)
+        offs <- integer(nf)
+        cur <- 4L
+        for (i in ord) {
+          s <- sizes[i]
+          cur <- cur + (s - cur %% s) %% s
+          offs[i] <- cur
+          cur <- cur + s
+        }
+        tsize <- cur
+        nslots <- if (nf) max(vapply(fields, function(f) f$slot, 1L)) + 1L else 0L
+        vt <- integer(nslots)
+        for (i in seq_len(nf)) vt[fields[[i]]$slot + 1L] <- offs[i]
+        align(2)
+        vpos <- b$size
+        put(vpos, writeBin(as.integer(c(4L + 2L * nslots, tsize, vt)), raw(), size = 2L,
+                           endian = "little"))
+        align(8)
+        tpos <- b$size
+        body <- raw(tsize)
+        body[1:4] <- writeBin(as.integer(tpos - vpos), raw(), size = 4L, endian = "little")
+        for (i in seq_len(nf)) {
+          f <- fields[[i]]
+          body[offs[i] + seq_len(sizes[i])] <- .fbb_scalar_bytes(f$type, f$value)
+        }
+        put(tpos, body)
+        for (i in seq_len(nf)) {
+          f <- fields[[i]]
+          if (f$type == "off") patch(tpos + offs[i], emit(f$value))
+        }
+        tpos
+      })
+  }
+  put(0, raw(4L))
+  patch(0, emit(root))
+  align(8)
+  b$buf[seq_len(b$size)]
+}
+
+# ---------------------------------------------------------------------------
+# Arrow type descriptors
+
+.ai_type_ids <- c("NONE", "Null", "Int", "FloatingPoint", "Binary", "Utf8", "Bool", "Decimal",
+                  "Date", "Time", "Timestamp", "Interval", "List", "Struct_", "Union",
+                  "FixedSizeBinary", "FixedSizeList", "Map", "Duration", "LargeBinary",
+                  "LargeUtf8", "LargeList", "RunEndEncoded", "BinaryView", "Utf8View",
+                  "ListView", "LargeListView")
+.ai_time_units <- c("s", "ms", "us", "ns")
+
+.ai_parse_type <- function(type_id, tt) {
+  kind <- if (type_id >= 0 && type_id < length(.ai_type_ids)) .ai_type_ids[type_id + 1L] else "unknown"
+  d <- list(kind = kind, supported = FALSE, name = tolower(kind))
+  switch(kind,
+    Null = { d$name <- "null"; d$supported <- TRUE },
+    Int = {
+      bw <- .fb_scalar(tt, 0L, .ai_i32, 0L)
+      sg <- .fb_bool(tt, 1L)
+      d$bitWidth <- bw; d$signed <- sg
+      d$name <- sprintf("%sint%d", if (sg) "" else "u", bw)
+      d$supported <- bw %in% c(8L, 16L, 32L, 64L)
+    },
+    FloatingPoint = {
+      p <- .fb_scalar(tt, 0L, .ai_i16, 0L)
+      d$precision <- p
+      d$name <- c("float16", "float32", "float64")[p + 1L]
+      if (is.na(d$name)) d$name <- "float?"
+      d$supported <- p %in% c(1L, 2L)
+    },
+    Binary = { d$name <- "binary"; d$supported <- TRUE },
+    LargeBinary = { d$name <- "large_binary"; d$supported <- TRUE },
+    Utf8 = { d$name <- "utf8"; d$supported <- TRUE },
+    LargeUtf8 = { d$name <- "large_utf8"; d$supported <- TRUE },
+    Bool = { d$name <- "bool"; d$supported <- TRUE },
+    Decimal = {
+      d$precision <- .fb_scalar(tt, 0L, .ai_i32, 0L)
+      d$scale <- .fb_scalar(tt, 1L, .ai_i32, 0L)
+      d$bitWidth <- .fb_scalar(tt, 2L, .ai_i32, 128L)
+      d$name <- sprintf("decimal%d(%d, %d)", d$bitWidth, d$precision, d$scale)
+      d$supported <- d$bitWidth %in% c(128L, 256L)
+    },
+    Date = {
+      d$unit <- .fb_scalar(tt, 0L, .ai_i16, 1L)
+      d$name <- if (d$unit == 0L) "date32[day]" else "date64[ms]"
+      d$supported <- d$unit %in% c(0L, 1L)
+    },
+    Time = {
+      u <- .fb_scalar(tt, 0L, .ai_i16, 1L)
+      d$name <- sprintf("time%d[%s]", .fb_scalar(tt, 1L, .ai_i32, 32L), .ai_time_units[u + 1L])
+    },
+    Timestamp = {
+      d$unit <- .fb_scalar(tt, 0L, .ai_i16, 0L)
+      d$tz <- .fb_string(tt, 1L)
+      d$name <- sprintf("timestamp[%s%s]", .ai_time_units[d$unit + 1L],
+                        if (is.na(d$tz)) "" else paste0(", tz=", d$tz))
+      d$supported <- d$unit %in% 0:3
+    },
+    Duration = {
+      u <- .fb_scalar(tt, 0L, .ai_i16, 1L)
+      d$name <- sprintf("duration[%s]", .ai_time_units[u + 1L])
+    },
+    Interval = { d$name <- "interval" },
+    List = { d$name <- "list" },
+    LargeList = { d$name <- "large_list" },
+    Struct_ = { d$name <- "struct" },
+    Union = { d$name <- "union" },
+    FixedSizeBinary = { d$name <- sprintf("fixed_size_binary[%d]", .fb_scalar(tt, 0L, .ai_i32, 0L)) },
+    FixedSizeList = { d$name <- "fixed_size_list" },
+    Map = { d$name <- "map" },
+    RunEndEncoded = { d$name <- "run_end_encoded" },
+    BinaryView = { d$name <- "binary_view" },
+    Utf8View = { d$name <- "string_view" },
+    ListView = { d$name <- "list_view" },
+    LargeListView = { d$name <- "large_list_view" },
+    { d$name <- sprintf("unknown type id %d", type_id) })
+  d
+}
+
+.ai_parse_field <- function(ft) {
+  name <- .fb_string(ft, 0L)
+  if (is.na(name)) name <- ""
+  type_id <- .fb_scalar(ft, 2L, .ai_u8, 0L)
+  type <- .ai_parse_type(type_id, .fb_subtable(ft, 3L))
+  dict <- NULL
+  de <- .fb_subtable(ft, 4L)
+  if (!is.null(de)) {
+    it <- .fb_subtable(de, 1L)
+    dict <- list(id = .fb_scalar(de, 0L, .ai_i64, 0),
+                 bitWidth = if (is.null(it)) 32L else .fb_scalar(it, 0L, .ai_i32, 32L),
+                 signed = if (is.null(it)) TRUE else .fb_bool(it, 1L),
+                 ordered = .fb_bool(de, 2L))
+  }
+  nchildren <- length(.fb_table_vector(ft, 5L))
+  list(name = name, type = type, dict = dict, nchildren = nchildren)
+}
+
+.ai_field_type_name <- function(f) {
+  if (is.null(f$dict)) f$type$name
+  else sprintf("dictionary<values=%s, indices=%sint%d>", f$type$name,
+               if (f$dict$signed) "" else "u", f$dict$bitWidth)
+}
+
+# ---------------------------------------------------------------------------
+# Byte sources
+
+.ai_source <- function(src) {
+  s <- new.env(parent = emptyenv())
+  if (is.character(src)) {
+    s$con <- file(src, "rb")
+    s$close <- TRUE
+  } else if (is.raw(src)) {
+    s$con <- rawConnection(src, "rb")
+    s$close <- TRUE
+  } else if (inherits(src, "connection")) {
+    s$con <- src
+    s$close <- FALSE
+  } else {
+    stop("arrow_read_stream: src must be a connection, a raw vector or a file path")
+  }
+  # read up to n bytes; fewer only at EOF
+  s$read <- function(n) {
+    if (n <= 0) return(raw(0))
+    first <- readBin(s$con, "raw", n)
+    got <- length(first)
+    if (got == n || got == 0L) return(first)
+    chunks <- list(first)
+    while (got < n) {
+      chunk <- readBin(s$con, "raw", min(n - got, 16777216))
+      if (length(chunk) == 0L) break
+      chunks[[length(chunks) + 1L]] <- chunk
+      got <- got + length(chunk)
+    }
+    do.call(c, chunks)
+  }
+  s$read_exact <- function(n, what) {
+    x <- s$read(n)
+    if (length(x) < n)
+      stop(.ai_stream_error(sprintf(
+        "truncated Arrow stream: expected %.0f bytes of %s, got %.0f", n, what, length(x))))
+    x
+  }
+  s
+}
+
+.ai_max_metadata <- 268435456     # 256 MiB
+.ai_max_body <- 17179869184       # 16 GiB
+
+# Read one encapsulated message.  Returns NULL at EOF (before any byte),
+# list(eos = TRUE) at the end-of-stream marker, else list(header_type, header,
+# body, meta).
+.ai_read_message <- function(s) {
+  b4 <- s$read(4L)
+  if (length(b4) == 0L) return(NULL)
+  if (length(b4) < 4L)
+    stop(.ai_stream_error(sprintf("truncated Arrow stream: %d stray bytes at a message boundary",
+                                  length(b4))))
+  if (all(b4 == as.raw(0xFF))) {
+    len <- readBin(s$read_exact(4L, "a message length"), "integer", size = 4L, endian = "little")
+  } else {
+    len <- readBin(b4, "integer", size = 4L, endian = "little")   # pre-0.15 format
+  }
+  if (is.na(len) || len < 0 || len > .ai_max_metadata)
+    stop(.ai_stream_error(sprintf("corrupt Arrow stream: implausible metadata length %s",
+                                  if (is.na(len)) "-2147483648" else len)))
+  if (len == 0) return(list(eos = TRUE))
+  meta <- s$read_exact(len, "message metadata")
+  root <- tryCatch({
+    m <- .fb_table(meta, .ai_u32(meta, 0))
+    list(version = .fb_scalar(m, 0L, .ai_i16, 0L),
+         header_type = .fb_scalar(m, 1L, .ai_u8, 0L),
+         header = .fb_subtable(m, 2L),
+         body_length = .fb_scalar(m, 3L, .ai_i64, 0))
+  }, error = function(e) {
+    if (inherits(e, "arrow_stream_error")) stop(e)
+    stop(.ai_stream_error(paste0("corrupt Arrow message metadata: ", conditionMessage(e))))
+  })
+  if (is.na(root$body_length) || root$body_length < 0 || root$body_length > .ai_max_body)
+    stop(.ai_stream_error(sprintf("corrupt Arrow stream: implausible body length %.0f",
+                                  root$body_length)))
+  if (!(root$header_type %in% 1:5) || is.null(root$header))
+    stop(.ai_stream_error(sprintf("corrupt Arrow stream: message header type %d",
+                                  root$header_type)))
+  body <- s$read_exact(root$body_length, "message body")
+  root$eos <- FALSE
+  root$body <- body
+  root
+}
+
+# ---------------------------------------------------------------------------
+# Decoding of one record batch
+
+.ai_decode_valid <- function(bits, n, null_count) {
+  if (is.null(bits) || null_count == 0 || n == 0) return(NULL)
+  if (length(bits) * 8 < n) stop("validity bitmap too short")
+  as.logical(rawToBits(bits)[seq_len(n)])
+}
+
+.ai_empty_base <- function(f, opts) {
+  t <- f$type
+  if (!is.null(f$dict)) {
+    t2 <- t
+    return(.ai_empty_base(list(type = t2, dict = NULL), opts))
+  }
+  switch(t$kind,
+         Null = , Bool = logical(0),
+         Int = if (t$bitWidth <= 16L || (t$bitWidth == 32L && t$signed)) integer(0)
+               else if (t$bitWidth == 64L && opts$int64 == "character") character(0)
+               else numeric(0),
+         Utf8 = , LargeUtf8 = character(0),
+         Binary = , LargeBinary = list(),
+         numeric(0))
+}
+
+# the validity-aware decoding of one array's value buffers
+.ai_decode_values <- function(f, n, null_count, bufs, name, opts, state) {
+  t <- f$type
+  valid <- .ai_decode_valid(bufs[[1L]], n, null_count)
+  need <- function(buf, bytes, what) {
+    if (length(buf) < bytes)
+      .ai_col_error(name, sprintf("%s buffer holds %.0f bytes, %.0f needed", what, length(buf), bytes))
+    buf
+  }
+  setna <- function(x) { if (!is.null(valid)) x[!valid] <- NA; x }
+  if (!is.null(f$dict)) {
+    d <- f$dict
+    ib <- need(bufs[[2L]], n * d$bitWidth / 8, "dictionary index")
+    idx <- .ai_read_ints(ib, n, d$bitWidth, d$signed)
+    if (!is.null(valid)) idx[!valid] <- NA
+    values <- state$dicts[[as.character(d$id)]]
+    if (is.null(values))
+      .ai_col_error(name, sprintf("no dictionary with id %.0f was sent before the record batch", d$id))
+    if (any(!is.na(idx) & (idx < 0 | idx >= length(values))))
+      .ai_col_error(name, "dictionary index out of range")
+    return(values[idx + 1])
+  }
+  switch(t$kind,
+    Null = rep(NA, n),
+    Bool = {
+      vb <- need(bufs[[2L]], ceiling(n / 8), "values")
+      setna(if (n) as.logical(rawToBits(vb)[seq_len(n)]) else logical(0))
+    },
+    Int = {
+      vb <- need(bufs[[2L]], n * t$bitWidth / 8, "values")
+      if (t$bitWidth == 64L) {
+        h <- .ai_i64_halves(vb, n, t$signed)
+        if (opts$int64 == "character") {
+          x <- .ai_i64_to_character(h, t$signed)
+        } else {
+          x <- h$hi * 4294967296 + h$lo
+          big <- abs(x) > 9007199254740992
+          if (!is.null(valid)) big <- big & valid
+          if (any(big)) state$warn[[name]] <- TRUE
+        }
+        setna(x)
+      } else {
+        setna(.ai_read_ints(vb, n, t$bitWidth, t$signed))
+      }
+    },
+    FloatingPoint = {
+      size <- if (t$precision == 1L) 4L else 8L
+      vb <- need(bufs[[2L]], n * size, "values")
+      setna(readBin(vb, "double", n = n, size = size, endian = "little"))
+    },
+    Utf8 = , LargeUtf8 = {
+      offs <- .ai_read_offsets(bufs[[2L]], n, t$kind == "LargeUtf8", name)
+      .ai_decode_strings(bufs[[3L]], offs, n, valid, name)
+    },
+    Binary = , LargeBinary = {
+      offs <- .ai_read_offsets(bufs[[2L]], n, t$kind == "LargeBinary", name)
+      data <- bufs[[3L]]
+      if (n == 0L) return(list())
+      if (offs[n + 1L] > length(data) || offs[1L] < 0 || any(diff(offs) < 0))
+        .ai_col_error(name, "binary offsets out of range")
+      lens <- diff(offs)
+      region <- if (offs[n + 1L] > offs[1L]) data[(offs[1L] + 1):offs[n + 1L]] else raw(0)
+      out <- split(region, factor(rep.int(seq_len(n), lens), levels = seq_len(n)))
+      names(out) <- NULL
+      if (!is.null(valid)) out[!valid] <- list(NULL)
+      out
+    },
+    Date = {
+      if (t$unit == 0L) {
+        vb <- need(bufs[[2L]], n * 4, "values")
+        x <- as.numeric(readBin(vb, "integer", n = n, size = 4L, endian = "little"))
+      } else {
+        vb <- need(bufs[[2L]], n * 8, "values")
+        x <- .ai_i64_vec(vb, n) / 86400000
+      }
+      setna(x)
+    },
+    Timestamp = {
+      vb <- need(bufs[[2L]], n * 8, "values")
+      h <- .ai_i64_halves(vb, n, TRUE)
+      x <- switch(t$unit + 1L,
+                  h$hi * 4294967296 + h$lo,
+                  (h$hi * 4294967296 + h$lo) / 1e3,
+                  (h$hi * 4294967296 + h$lo) / 1e6,
+                  {
+                    dm <- .ai_i64_divmod(h, 1e9, TRUE)
+                    s <- dm$q + dm$r / 1e9
+                    ifelse(dm$neg, -s, s)
+                  })
+      setna(x)
+    },
+    Decimal = {
+      nb <- t$bitWidth / 8
+      vb <- need(bufs[[2L]], n * nb, "values")
+      setna(.ai_decimal_to_double(vb, n, nb / 2, t$scale))
+    },
+    .ai_col_error(name, sprintf("Arrow type %s is not supported", t$name)))
+}
+
+.ai_read_ints <- function(vb, n, bw, signed) {
+  if (bw == 64L) {
+    x <- .ai_i64_vec(vb, n, signed)
+    return(x)
+  }
+  if (bw == 32L && !signed) {
+    x <- as.numeric(readBin(vb, "integer", n = n, size = 4L, endian = "little"))
+    x[is.na(x)] <- 2147483648
+    return(x + (x < 0) * 4294967296)
+  }
+  readBin(vb, "integer", n = n, size = bw / 8L, signed = signed || bw == 32L, endian = "little")
+}
+
+.ai_read_offsets <- function(ob, n, large, name) {
+  size <- if (large) 8L else 4L
+  if (n == 0L) return(0)
+  if (length(ob) < (n + 1) * size)
+    .ai_col_error(name, sprintf("offsets buffer holds %d bytes, %.0f needed", length(ob), (n + 1) * size))
+  if (large) .ai_i64_vec(ob, n + 1L)
+  else as.numeric(readBin(ob, "integer", n = n + 1L, size = 4L, endian = "little"))
+}
+
+.ai_max_chunk <- 1073741824   # bytes per rawToChar call
+
+.ai_decode_strings <- function(data, offs, n, valid, name) {
+  if (n == 0L) return(character(0))
+  if (anyNA(offs) || offs[1L] < 0 || offs[n + 1L] > length(data) || any(diff(offs) < 0))
+    .ai_col_error(name, "string offsets out of range")
+  total <- offs[n + 1L] - offs[1L]
+  if (total > .ai_max_chunk) {
+    # decode in row chunks of at most .ai_max_chunk bytes each
+    grp <- floor((offs[-1L] - offs[1L] - 1) / .ai_max_chunk)
+    out <- character(n)
+    for (g in unique(grp)) {
+      rows <- which(grp == g)
+      a <- rows[1L]; z <- rows[length(rows)]
+      out[rows] <- .ai_decode_strings(data, offs[a:(z + 1L)], length(rows),
+                                      if (is.null(valid)) NULL else valid[rows], name)
+    }
+    return(out)
+  }
+  out <- character(n)
+  if (total > 0) {
+    region <- data[(offs[1L] + 1):offs[n + 1L]]
+    if (any(region == as.raw(0L)))
+      .ai_col_error(name, "a string holds a NUL byte, which R strings cannot hold")
+    big <- rawToChar(region)
+    Encoding(big) <- "bytes"
+    rel <- offs - offs[1L]
+    out <- substring(big, rel[-(n + 1L)] + 1, rel[-1L])
+    hi <- which(region > as.raw(0x7F))
+    if (length(hi)) {
+      rows <- unique(findInterval(hi - 1, rel, left.open = FALSE))
+      Encoding(out[rows]) <- "UTF-8"
+      bad <- rows[!validUTF8(out[rows])]
+      if (length(bad))
+        .ai_col_error(name, sprintf("row %d holds invalid UTF-8", bad[1L]))
+    }
+  }
+  if (!is.null(valid)) out[!valid] <- NA_character_
+  out
+}
+
+.ai_decimal_to_double <- function(vb, n, nlimbs, scale) {
+  if (n == 0L) return(numeric(0))
+  m <- matrix(readBin(vb, "integer", n = n * nlimbs, size = 2L, signed = FALSE, endian = "little"),
+              nrow = nlimbs)
+  neg <- m[nlimbs, ] >= 32768L
+  if (any(neg)) {
+    w <- which(neg)
+    sub <- 65535L - m[, w, drop = FALSE]
+    carry <- rep(1L, length(w))
+    for (i in seq_len(nlimbs)) {
+      v <- sub[i, ] + carry
+      carry <- as.integer(v >= 65536L)
+      sub[i, ] <- v - carry * 65536L
+    }
+    m[, w] <- sub
+  }
+  acc <- numeric(n)
+  for (i in nlimbs:1) acc <- acc * 65536 + m[i, ]
+  acc[neg] <- -acc[neg]
+  if (scale != 0) acc <- acc / 10^scale
+  acc
+}
+
+# The buffer count of a field's layout (for the supported types).
+.ai_nbuffers <- function(f) {
+  if (!is.null(f$dict)) return(2L)
+  switch(f$type$kind, Null = 0L, Utf8 = , LargeUtf8 = , Binary = , LargeBinary = 3L, 2L)
+}
+
+.ai_decode_batch <- function(rb, body, fields, opts, state, what = "record batch") {
+  if (!is.null(.fb_subtable(rb, 3L)))
+    stop(.ai_codec_error("compressed Arrow IPC bodies (RecordBatch.compression) are not supported"))
+  length <- .fb_scalar(rb, 0L, .ai_i64, 0)
+  nodes <- .fb_pair_vector(rb, 1L)
+  buffers <- .fb_pair_vector(rb, 2L)
+  ni <- 0L
+  bi <- 0L
+  bcon <- rawConnection(body, "rb")
+  on.exit(close(bcon))
+  blen <- length(body)
+  cols <- vector("list", length(fields))
+  for (j in seq_along(fields)) {
+    f <- fields[[j]]
+    ni <- ni + 1L
+    if (ni > length(nodes$a))
+      stop(.ai_codec_error(sprintf("%s has %d field nodes, fewer than the schema's %d fields",
+                                   what, length(nodes$a), length(fields))))
+    n <- nodes$a[ni]
+    nc <- nodes$b[ni]
+    if (n != length)
+      .ai_col_error(f$name, sprintf("array length %.0f differs from the batch length %.0f", n, length))
+    nb <- .ai_nbuffers(f)
+    bufs <- vector("list", max(nb, 1L))
+    for (k in seq_len(nb)) {
+      bi <- bi + 1L
+      if (bi > length(buffers$a))
+        stop(.ai_codec_error(sprintf("%s has too few buffers for its schema", what)))
+      off <- buffers$a[bi]
+      len <- buffers$b[bi]
+      if (off < 0 || len < 0 || off + len > blen)
+        .ai_col_error(f$name, sprintf("buffer %d (offset %.0f, length %.0f) lies outside the %.0f-byte body",
+                                      k, off, len, blen))
+      if (len > 0) {
+        seek(bcon, off)
+        bufs[[k]] <- readBin(bcon, "raw", len)
+      } else bufs[k] <- list(NULL)
+    }
+    cols[[j]] <- .ai_decode_values(f, n, nc, bufs, f$name, opts, state)
+  }
+  list(length = length, cols = cols)
+}
+
+# ---------------------------------------------------------------------------
+# The reader
+
+arrow_read_stream <- function(src, int64 = c("double", "character"), factors = FALSE) {
+  int64 <- match.arg(int64)
+  opts <- list(int64 = int64, factors = isTRUE(factors))
+  s <- .ai_source(src)
+  if (s$close) on.exit(close(s$con))
+  state <- new.env(parent = emptyenv())
+  state$dicts <- list()
+  state$warn <- list()
+  pending <- NULL           # first codec error; the stream is drained before raising it
+  fields <- NULL
+  parts <- NULL
+  nrows <- 0
+  levels <- NULL
+
+  msg <- .ai_read_message(s)
+  if (is.null(msg) || isTRUE(msg$eos))
+    stop(.ai_stream_error("empty Arrow stream: no schema message"))
+  if (msg$header_type != 1L)
+    stop(.ai_stream_error(sprintf("Arrow stream does not start with a schema (message type %d)",
+                                  msg$header_type)))
+  pending <- tryCatch({
+    sch <- msg$header
+    if (.fb_scalar(sch, 0L, .ai_i16, 0L) != 0L)
+      stop(.ai_codec_error("big-endian Arrow data is not supported"))
+    fields <- lapply(.fb_table_vector(sch, 1L), .ai_parse_field)
+    for (f in fields) {
+      if (!isTRUE(f$type$supported) || f$nchildren > 0L)
+        .ai_col_error(f$name, sprintf("Arrow type %s is not supported by the R reader",
+                                      .ai_field_type_name(f)))
+      if (!is.null(f$dict) && !(f$dict$bitWidth %in% c(8L, 16L, 32L, 64L)))
+        .ai_col_error(f$name, "unsupported dictionary index width")
+    }
+    parts <- lapply(fields, function(f) list())
+    levels <- lapply(fields, function(f) NULL)
+    NULL
+  }, arrow_codec_error = function(e) e)
+
+  repeat {
+    msg <- .ai_read_message(s)
+    if (is.null(msg) || isTRUE(msg$eos)) break
+    if (!is.null(pending)) next
+    pending <- tryCatch({
+      if (msg$header_type == 3L) {
+        b <- .ai_decode_batch(msg$header, msg$body, fields, opts, state)
+        nrows <- nrows + b$length
+        for (j in seq_along(fields)) parts[[j]][[length(parts[[j]]) + 1L]] <- b$cols[[j]]
+      } else if (msg$header_type == 2L) {
+        db <- msg$header
+        id <- .fb_scalar(db, 0L, .ai_i64, 0)
+        delta <- .fb_bool(db, 2L)
+        j <- which(vapply(fields, function(f) !is.null(f$dict) && f$dict$id == id, TRUE))
+        if (!length(j))
+          stop(.ai_codec_error(sprintf("dictionary batch with id %.0f matches no field", id)))
+        f <- fields[[j[1L]]]
+        vf <- list(name = f$name, type = f$type, dict = NULL)
+        data <- .fb_subtable(db, 1L)
+        if (is.null(data)) stop(.ai_codec_error("dictionary batch without data"))
+        b <- .ai_decode_batch(data, msg$body, list(vf), opts, state, "dictionary batch")
+        vals <- b$cols[[1L]]
+        key <- as.character(id)
+        if (delta && !is.null(state$dicts[[key]])) vals <- c(state$dicts[[key]], vals)
+        state$dicts[[key]] <- vals
+        for (jj in j) levels[[jj]] <- unique(c(levels[[jj]], vals[!is.na(vals)]))
+      } else {
+        stop(.ai_codec_error(sprintf("unexpected Arrow message type %d inside a stream",
+                                     msg$header_type)))
+      }
+      NULL
+    }, arrow_codec_error = function(e) e,
+       error = function(e) {
+         if (inherits(e, "arrow_stream_error")) stop(e)
+         .ai_codec_error(paste0("could not decode an Arrow message: ", conditionMessage(e)))
+       })
+  }
+  if (!is.null(pending)) stop(pending)
+
+  cols <- vector("list", length(fields))
+  for (j in seq_along(fields)) {
+    f <- fields[[j]]
+    p <- parts[[j]]
+    x <- if (length(p) == 0L) .ai_empty_base(f, opts)
+         else if (length(p) == 1L) p[[1L]]
+         else do.call(c, unname(p))
+    kind <- f$type$kind
+    if (!is.null(f$dict) && opts$factors && is.character(x)) {
+      x <- factor(x, levels = if (is.null(levels[[j]])) character(0) else levels[[j]],
+                  ordered = isTRUE(f$dict$ordered))
+    } else if (kind == "Date") {
+      class(x) <- "Date"
+    } else if (kind == "Timestamp") {
+      tz <- f$type$tz
+      if (is.na(tz) || !nzchar(tz)) tz <- "UTC"
+      x <- structure(x, class = c("POSIXct", "POSIXt"), tzone = tz)
+    }
+    cols[[j]] <- x
+    if (isTRUE(state$warn[[f$name]]))
+      warning(sprintf(paste0("column '%s': %s values beyond 2^53 lost precision when converted ",
+                             "to double (use int64 = \"character\" for exact values)"),
+                      f$name, f$type$name), call. = FALSE)
+  }
+  names(cols) <- vapply(fields, function(f) f$name, "")
+  structure(cols, class = "data.frame", row.names = .set_row_names(as.integer(nrows)))
+}
+
+# ---------------------------------------------------------------------------
+# The writer
+
+# Check the columns and bring each to a canonical form:
+#   list(name, kind, x, tz) with kind one of bool, int32, float64, utf8,
+#   date32, timestamp, binary.
+arrow_prepare_frame <- function(df) {
+  if (inherits(df, "arrow_prepared_frame")) return(df)
+  if (!is.data.frame(df)) stop(.ai_codec_error("arrow_write_stream needs a data.frame"))
+  nrow <- .row_names_info(df, 2L)
+  nms <- names(df)
+  if (is.null(nms)) nms <- rep("", length(df))
+  nms[is.na(nms)] <- "NA"
+  cols <- vector("list", length(df))
+  for (j in seq_along(df)) {
+    x <- df[[j]]
+    name <- nms[j]
+    if (inherits(x, "AsIs")) class(x) <- setdiff(class(x), "AsIs")
+    if (length(x) != nrow && !is.null(dim(x)))
+      .ai_col_error(name, sprintf("a %s column with dimensions cannot be written to Arrow",
+                                  paste(class(x), collapse = "/")))
+    if (length(x) != nrow)
+      .ai_col_error(name, sprintf("has %d values for %d rows", length(x), nrow))
+    cls <- class(x)
+    col <- if (is.factor(x)) {
+      levs <- enc2utf8(as.character(levels(x)))
+      list(kind = "utf8", x = levs[as.integer(x)])
+    } else if (inherits(x, "Date")) {
+      list(kind = "date32", x = floor(as.numeric(unclass(x))))
+    } else if (inherits(x, "POSIXct")) {
+      tz <- attr(x, "tzone")
+      if (is.null(tz) || !length(tz) || is.na(tz[1L]) || !nzchar(tz[1L])) tz <- "UTC"
+      list(kind = "timestamp", x = as.numeric(unclass(x)), tz = tz[1L])
+    } else if (!is.null(attr(x, "class")) && !(is.list(x) && identical(cls, "list"))) {
+      .ai_col_error(name, sprintf("a column of class '%s' cannot be written to Arrow",
+                                  paste(cls, collapse = "/")))
+    } else if (!is.null(dim(x))) {
+      .ai_col_error(name, "a matrix column cannot be written to Arrow")
+    } else if (is.logical(x)) {
+      list(kind = "bool", x = as.vector(x))
+    } else if (is.integer(x)) {
+      list(kind = "int32", x = as.vector(x))
+    } else if (is.double(x)) {
+      list(kind = "float64", x = as.vector(x))
+    } else if (is.character(x)) {
+      list(kind = "utf8", x = enc2utf8(as.vector(x)))
+    } else if (is.list(x)) {
+      ok <- vapply(x, function(v) is.null(v) || is.raw(v), TRUE)
+      if (!all(ok))
+        .ai_col_error(name, sprintf(paste0("a list column can be written only when every element ",
+                                           "is a raw vector or NULL (row %d is a %s)"),
+                                    which(!ok)[1L], class(x[[which(!ok)[1L]]])[1L]))
+      list(kind = "binary", x = x)
+    } else {
+      .ai_col_error(name, sprintf("a column of type '%s' cannot be written to Arrow", typeof(x)))
+    }
+    if (col$kind == "date32" && any(abs(col$x) > 2147483647, na.rm = TRUE))
+      .ai_col_error(name, "a date lies outside the range of date32")
+    if (col$kind == "timestamp" && any(abs(col$x) > 9.2e12, na.rm = TRUE))
+      .ai_col_error(name, "a time lies outside the range of timestamp[us]")
+    col$name <- name
+    cols[[j]] <- col
+  }
+  structure(list(cols = cols, nrow = nrow), class = "arrow_prepared_frame")
+}
+
+.ai_pad8 <- function(bytes) {
+  pad <- (8L - length(bytes) %% 8L) %% 8L
+  if (pad) c(bytes, raw(pad)) else bytes
+}
+
+.ai_bitmap <- function(bits) {
+  n <- length(bits)
+  pad <- (8L - n %% 8L) %% 8L
+  packBits(c(bits, logical(pad)), "raw")
+}
+
+.ai_type_table <- function(kind, tz = NULL) {
+  switch(kind,
+    bool = list(6L, .fbb_table()),
+    int32 = list(2L, .fbb_table(.fbb_field(0L, "i32", 32L), .fbb_field(1L, "bool", 1L))),
+    float64 = list(3L, .fbb_table(.fbb_field(0L, "i16", 2L))),
+    utf8 = list(5L, .fbb_table()),
+    binary = list(4L, .fbb_table()),
+    date32 = list(8L, .fbb_table(.fbb_field(0L, "i16", 0L))),
+    timestamp = list(10L, .fbb_table(.fbb_field(0L, "i16", 2L),
+                                     .fbb_field(1L, "off", .fbb_string(tz)))))
+}
+
+.ai_message <- function(header_type, header, body_length) {
+  meta <- .fbb_build(.fbb_table(
+    .fbb_field(0L, "i16", 4L),                 # MetadataVersion V5
+    .fbb_field(1L, "u8", header_type),
+    .fbb_field(2L, "off", header),
+    .fbb_field(3L, "i64", body_length)))
+  # metadata is padded to 8 so that the body starts 8-aligned (8-byte prefix)
+  c(as.raw(c(0xFF, 0xFF, 0xFF, 0xFF)),
+    writeBin(length(meta), raw(), size = 4L, endian = "little"), meta)
+}
+
+.ai_schema_message <- function(prep) {
+  fields <- lapply(prep$cols, function(col) {
+    tt <- .ai_type_table(col$kind, col$tz)
+    .fbb_table(.fbb_field(0L, "off", .fbb_string(col$name)),
+               .fbb_field(1L, "bool", 1L),
+               .fbb_field(2L, "u8", tt[[1L]]),
+               .fbb_field(3L, "off", tt[[2L]]),
+               .fbb_field(5L, "off", .fbb_tables(list())))
+  })
+  schema <- .fbb_table(.fbb_field(0L, "i16", 0L),
+                       .fbb_field(1L, "off", .fbb_tables(fields)))
+  .ai_message(1L, schema, 0)
+}
+
+# Encode rows `rows` (or all) of the prepared columns into one record batch message.
+.ai_batch_message <- function(prep, rows, n) {
+  pieces <- list()
+  boffs <- numeric(0)
+  blens <- numeric(0)
+  nlen <- numeric(0)
+  nnull <- numeric(0)
+  pos <- 0
+  add <- function(bytes) {
+    boffs[length(boffs) + 1L] <<- pos
+    blens[length(blens) + 1L] <<- length(bytes)
+    if (length(bytes)) {
+      b <- .ai_pad8(bytes)
+      pieces[[length(pieces) + 1L]] <<- b
+      pos <<- pos + length(b)
+    }
+  }
+  for (col in prep$cols) {
+    x <- if (is.null(rows)) col$x else col$x[rows]
+    na <- if (col$kind == "float64") is.na(x) & !is.nan(x)
+          else if (col$kind == "binary") vapply(x, is.null, TRUE)
+          else is.na(x)
+    nc <- sum(na)
+    nlen[length(nlen) + 1L] <- n
+    nnull[length(nnull) + 1L] <- nc
+    add(if (nc > 0) .ai_bitmap(!na) else raw(0))
+    switch(col$kind,
+      bool = { x[na] <- FALSE; add(.ai_bitmap(x)) },
+      int32 = add(writeBin(x, raw(), size = 4L, endian = "little")),
+      float64 = add(writeBin(x, raw(), size = 8L, endian = "little")),
+      date32 = { x[na] <- 0; add(writeBin(as.integer(x), raw(), size = 4L, endian = "little")) },
+      timestamp = add(.ai_int64_bytes(round(x * 1e6))),
+      utf8 = {
+        x[na] <- ""
+        lens <- nchar(x, type = "bytes")
+        ends <- cumsum(as.numeric(lens))
+        total <- if (n) ends[n] else 0
+        if (total > 2147483647)
+          .ai_col_error(col$name, "more than 2 GiB of string data in one batch; use fewer batch_rows")
+        add(writeBin(c(0L, as.integer(ends)), raw(), size = 4L, endian = "little"))
+        add(if (total > 0) charToRaw(paste(x, collapse = "")) else raw(0))
+      },
+      binary = {
+        lens <- lengths(x)
+        ends <- cumsum(as.numeric(lens))
+        total <- if (n) ends[n] else 0
+        if (total > 2147483647)
+          .ai_col_error(col$name, "more than 2 GiB of binary data in one batch; use fewer batch_rows")
+        add(writeBin(c(0L, as.integer(ends)), raw(), size = 4L, endian = "little"))
+        add(if (total > 0) unlist(x, use.names = FALSE) else raw(0))
+      })
+  }
+  struct_bytes <- function(a, b) .ai_int64_bytes(as.vector(rbind(a, b)))
+  rb <- .fbb_table(
+    .fbb_field(0L, "i64", n),
+    .fbb_field(1L, "off", .fbb_structs(if (length(nlen)) struct_bytes(nlen, nnull) else raw(0),
+                                       length(nlen))),
+    .fbb_field(2L, "off", .fbb_structs(if (length(boffs)) struct_bytes(boffs, blens) else raw(0),
+                                       length(boffs))))
+  list(meta = .ai_message(3L, rb, pos), body = pieces)
+}
+
+arrow_write_stream <- function(df, con = NULL, batch_rows = 65536L) {
+  prep <- arrow_prepare_frame(df)
+  out <- list()
+  emit <- if (is.null(con)) function(bytes) out[[length(out) + 1L]] <<- bytes
+          else function(bytes) writeBin(bytes, con)
+  emit(.ai_schema_message(prep))
+  nrow <- prep$nrow
+  batch_rows <- max(1L, as.integer(batch_rows))
+  if (nrow <= batch_rows) {
+    m <- .ai_batch_message(prep, NULL, nrow)
+    emit(m$meta)
+    for (p in m$body) emit(p)
+  } else {
+    starts <- seq(1, nrow, by = batch_rows)
+    for (a in starts) {
+      z <- min(nrow, a + batch_rows - 1)
+      m <- .ai_batch_message(prep, a:z, z - a + 1)
+      emit(m$meta)
+      for (p in m$body) emit(p)
+    }
+  }
+  emit(as.raw(c(0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0)))
+  if (is.null(con)) return(do.call(c, out))
+  flush(con)
+  invisible(NULL)
+}

@@ -1,0 +1,166 @@
+"""The wire protocol and the handshake, over real sockets with real children."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import stat
+import sys
+import threading
+import time
+
+import psutil
+import pyarrow as pa
+import pytest
+
+from workerbridge import protocol as P
+from workerbridge.closure import pack
+from workerbridge.gateway import Gateway
+from workerbridge.runtime import Runtime
+from workerbridge.worker import TaskSpec, Worker, WorkerOptions
+
+
+def frames(*parts: tuple) -> io.BytesIO:
+    buf = io.BytesIO()
+    for msg_type, payload in parts:
+        buf.write(P.pack_header(msg_type, len(payload)) + payload)
+    buf.seek(0)
+    return buf
+
+
+def test_frame_round_trip_over_a_socket():
+    a, b = socket.socketpair()
+    with a, b:
+        P.send_json(a, P.LOG, {"message": "héllo"})
+        P.send_frame(a, P.CLOSURE, b"x" * 100_000)
+        reader = b.makefile("rb")
+        assert P.decode_json(P.expect(reader, P.LOG)) == {"message": "héllo"}
+        assert P.expect(reader, P.CLOSURE) == b"x" * 100_000
+
+
+def test_unknown_type_oversize_and_short_reads_are_errors():
+    with pytest.raises(P.ProtocolError, match="unknown message type 99"):
+        P.recv_frame(frames((99, b"")))
+    with pytest.raises(P.ProtocolError, match="announces 2000 bytes"):
+        P.recv_frame(io.BytesIO(P.pack_header(P.AUTH, 2000)), P.MAX_AUTH_BYTES)
+    with pytest.raises(P.PeerClosed, match="after 3 of 10 bytes"):
+        P.recv_frame(io.BytesIO(P.pack_header(P.LOG, 10) + b"abc"))
+    with pytest.raises(P.PeerClosed):
+        P.recv_frame(io.BytesIO(b"\x00\x00"))
+    with pytest.raises(P.ProtocolError, match="expected WELCOME, got LOG"):
+        P.expect(frames((P.LOG, b"{}")), P.WELCOME)
+
+
+def test_message_table_is_unique():
+    assert len(set(P.MESSAGE_TYPES.values())) == len(P.MESSAGE_TYPES)
+    assert all(isinstance(v, int) and v > 0 for v in P.MESSAGE_TYPES.values())
+
+
+@pytest.fixture()
+def slow_python(tmp_path):
+    """An interpreter wrapper that waits before starting the real child: a window
+    in which a stranger can reach the backend port first."""
+    script = tmp_path / "slowpython"
+    script.write_text(f"#!/bin/sh\nsleep 1.5\nexec {sys.executable} \"$@\"\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return str(script)
+
+
+def _run_worker_in_thread(spec):
+    result = {}
+
+    def go():
+        try:
+            table = pa.table({"x": list(range(5))})
+            result["batches"] = list(Worker(spec, 0, "sec").run(table.to_batches()))
+        except BaseException as e:  # noqa: BLE001
+            result["error"] = e
+
+    t = threading.Thread(target=go)
+    t.start()
+    return t, result
+
+
+def _backend_port(gw: Gateway, timeout=10.0) -> int:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for ln in gw.lines(filter="to connect to port", n=None):
+            return int(ln.rsplit(" ", 1)[1])
+        time.sleep(0.02)
+    raise AssertionError("no backend port was logged")
+
+
+@pytest.mark.parametrize("intruder", ["wrong-secret", "silent", "garbage"])
+def test_backend_refuses_strangers_and_serves_the_child(slow_python, intruder):
+    gw = Gateway(log_path=None)
+    try:
+        spec = TaskSpec(pack(lambda d: d), Runtime.collect(False), None, gw.address,
+                        WorkerOptions(python=slow_python, auth_timeout=0.5))
+        t, result = _run_worker_in_thread(spec)
+        port = _backend_port(gw)
+        listening = [c for c in psutil.Process().net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port in (port, gw.port)]
+        assert {c.laddr.ip for c in listening} == {"127.0.0.1"} and len(listening) == 2
+        stranger = socket.create_connection(("127.0.0.1", port))
+        stranger.settimeout(5)
+        if intruder == "wrong-secret":
+            P.send_frame(stranger, P.AUTH, b"0" * 64)
+        elif intruder == "garbage":
+            stranger.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        # The Worker closes the stranger's connection without a word.
+        assert stranger.recv(100) == b""
+        stranger.close()
+        t.join(30)
+        assert "error" not in result, result.get("error")
+        assert pa.Table.from_batches(result["batches"]).column("x").to_pylist() == list(range(5))
+        assert gw.lines(filter="refused a backend connection without the task's secret")
+    finally:
+        gw.stop()
+
+
+def test_secret_is_not_in_argv_or_environment(tmp_path):
+    """The child's argv and environment never hold the secret."""
+    spy = tmp_path / "spypython"
+    record = tmp_path / "record"
+    spy.write_text(f"#!/bin/sh\necho \"$@\" > {record}\nenv >> {record}\nexec {sys.executable} \"$@\"\n")
+    spy.chmod(0o755)
+    gw = Gateway(log_path=None)
+    try:
+        spec = TaskSpec(pack(lambda d: d), Runtime.collect(False), None, gw.address,
+                        WorkerOptions(python=str(spy)))
+        worker = Worker(spec, 0, "argv")
+        seen = {}
+        orig = worker._accept
+
+        def spy_accept(listener, secret, deadline):
+            seen["secret"] = secret
+            return orig(listener, secret, deadline)
+
+        worker._accept = spy_accept
+        list(worker.run(pa.table({"x": [1]}).to_batches()))
+        text = record.read_text()
+        assert len(seen["secret"]) == 2 * P.SECRET_BYTES
+        assert seen["secret"] not in text
+        assert f"{P.ENV_PORT}=" in text
+    finally:
+        gw.stop()
+
+
+def test_gateway_refuses_wrong_secret():
+    gw = Gateway(log_path=None)
+    try:
+        s = socket.create_connection((gw.host, gw.port))
+        P.send_frame(s, P.AUTH, b"nope")
+        P.send_frame(s, P.LOG, "forged line".encode())
+        s.settimeout(5)
+        assert s.recv(10) == b""
+        s.close()
+        end = time.monotonic() + 5
+        while not gw.lines(filter="wrong secret") and time.monotonic() < end:
+            time.sleep(0.02)
+        assert gw.lines(filter="wrong secret")
+        assert not gw.lines(filter="forged")
+        assert gw.rejected == 1
+    finally:
+        gw.stop()
