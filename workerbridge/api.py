@@ -37,7 +37,11 @@ OPTIONS: dict[str, tuple[Any, Optional[str]]] = {
     "int64": ("double", None),
     "partition_index_param": (None, None),
     "name": (None, None),
+    "group_by": (None, None),
+    "fetch_result_as_sdf": (True, None),
+    "barrier": (False, None),
 }
+UNIT_COLUMNS = ("__wb_partition", "__wb_unit")
 
 
 def spark_apply(df, f: Union[Callable, R], schema: Any = None, **options: Any):
@@ -61,9 +65,21 @@ def spark_apply(df, f: Union[Callable, R], schema: Any = None, **options: Any):
         raise BadInputError(f"input= must be 'pandas' or 'arrow', not {opts['input']!r}")
     if opts["int64"] not in ("double", "character"):
         raise BadInputError(f"int64= must be 'double' or 'character', not {opts['int64']!r}")
+    group_by = _group_columns(df, opts["group_by"])
+    fetch = opts["fetch_result_as_sdf"]
+    if not isinstance(fetch, bool) or not isinstance(opts["barrier"], bool):
+        raise BadInputError("fetch_result_as_sdf= and barrier= take True or False")
+    if opts["partition_index_param"] is not None and (
+            not isinstance(opts["partition_index_param"], str)
+            or not opts["partition_index_param"].isidentifier()):
+        raise BadInputError("partition_index_param= must be a parameter name, like 'index'")
+    if opts["barrier"] and group_by:
+        raise BadInputError("barrier=True cannot be combined with group_by=")
+    if opts["name"] is not None and not isinstance(opts["name"], str):
+        raise BadInputError("name= must be a string")
     child_options = {"input": opts["input"], "int64": opts["int64"],
                      "partition_index_param": opts["partition_index_param"],
-                     "packages": list(opts["packages"] or [])}
+                     "packages": _packages(opts["packages"]), "group_by": group_by}
     if isinstance(f, R):
         f.check_syntax(opts["rscript"])
     closure = pack(f, opts["context"], child_options)
@@ -74,21 +90,33 @@ def spark_apply(df, f: Union[Callable, R], schema: Any = None, **options: Any):
         env=dict(opts["env"] or {}))
     gateway = _gateway(spark)
     runtime = Runtime.collect(with_r=closure.language == R_LANG)
-    base = TaskSpec(closure, runtime, None, gateway.address, worker_options)
+    name = opts["name"]
     if schema is None:
+        base = TaskSpec(closure, runtime, None, gateway.address, worker_options, name)
         struct = _infer(df, base, int(opts["sample_rows"]))
     else:
         struct = to_struct(spark, schema)
+    if group_by:
+        struct = _groups_first(struct, df.schema, group_by)
+    if not fetch:
+        closure = pack(f, opts["context"], dict(child_options, tag_units=True))
+        struct = _with_unit_columns(struct)
     large = str(spark.conf.get("spark.sql.execution.arrow.useLargeVarTypes", "false")).lower()
     spec = TaskSpec(closure, runtime, spark_arrow_schema(struct, large == "true"),
-                    gateway.address, worker_options)
+                    gateway.address, worker_options, name)
+    barrier = opts["barrier"]
 
     def apply_partition(batches):
-        from workerbridge.worker import Worker, task_id_and_partition
+        from workerbridge.worker import Worker, barrier_info, task_id_and_partition
         task_id, partition = task_id_and_partition()
-        yield from Worker(spec, partition, task_id).run(batches)
+        extra = {"barrier": barrier_info()} if barrier else None
+        yield from Worker(spec, partition, task_id, extra).run(batches)
 
-    return df.mapInArrow(apply_partition, struct)
+    if name:
+        apply_partition.__name__ = apply_partition.__qualname__ = _identifier(name)
+    source = df.repartition(*group_by) if group_by else df
+    out = source.mapInArrow(apply_partition, struct, barrier=barrier)
+    return out if fetch else _fetch_units(out)
 
 
 def spark_log(spark=None, filter: Optional[str] = None, n: Optional[int] = 100) -> list[str]:
@@ -109,6 +137,70 @@ def log_path(spark=None) -> Optional[str]:
 
 
 # ---- helpers ---------------------------------------------------------------------------
+def _group_columns(df, group_by) -> list:
+    if group_by is None:
+        return []
+    cols = [group_by] if isinstance(group_by, str) else \
+        list(group_by) if isinstance(group_by, (list, tuple)) else None
+    if not cols or not all(isinstance(c, str) for c in cols):
+        raise BadInputError("group_by= takes a column name or a list of column names")
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise BadInputError(f"group_by= names columns the DataFrame lacks: {missing}; "
+                            f"it has {df.columns}")
+    if len(set(cols)) != len(cols):
+        raise BadInputError(f"group_by= names a column twice: {cols}")
+    return cols
+
+
+def _groups_first(struct, source, group_by: list):
+    """The output schema with the group columns in front (typed as in the input)."""
+    from pyspark.sql.types import StructType
+    fields = {f.name: f for f in struct.fields}
+    head = [fields.get(c) or source[c] for c in group_by]
+    return StructType(head + [f for f in struct.fields if f.name not in group_by])
+
+
+def _with_unit_columns(struct):
+    from pyspark.sql.types import LongType, StructField, StructType
+    clash = [c for c in UNIT_COLUMNS if c in struct.names]
+    if clash:
+        raise BadInputError(f"result columns {clash} are reserved by fetch_result_as_sdf=False")
+    return StructType(struct.fields + [StructField(c, LongType(), False) for c in UNIT_COLUMNS])
+
+
+def _fetch_units(out) -> list:
+    """The per-partition (per-group) results as a list: DataFrames, or values for a
+    vector result (one column named ``result``)."""
+    table = out.toArrow()
+    if table.num_rows == 0:
+        return []
+    frame = table.to_pandas()
+    results = []
+    for _, part in frame.groupby(list(UNIT_COLUMNS), sort=True):
+        part = part.drop(columns=list(UNIT_COLUMNS)).reset_index(drop=True)
+        if list(part.columns) == ["result"]:
+            values = part["result"].tolist()
+            results.append(values[0] if len(values) == 1 else values)
+        else:
+            results.append(part)
+    return results
+
+
+def _packages(packages) -> list:
+    if packages is None:
+        return []
+    pkgs = [packages] if isinstance(packages, str) else list(packages)
+    if not all(isinstance(p, str) and p for p in pkgs):
+        raise BadInputError("packages= takes a list of R package names")
+    return pkgs
+
+
+def _identifier(name: str) -> str:
+    text = "".join(ch if ch.isalnum() else "_" for ch in name)
+    return text if text and not text[0].isdigit() else f"_{text}"
+
+
 def _check_dataframe(df) -> None:
     cls = type(df)
     if not (cls.__name__ == "DataFrame" and cls.__module__.startswith("pyspark.sql")):

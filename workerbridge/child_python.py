@@ -105,19 +105,13 @@ def run_task(task: dict, stream, channel: Channel, closures: dict) -> None:
     except BaseException as e:                    # noqa: BLE001 - reported, not swallowed
         channel.error("unpickle", e)
         return
-    options = task.get("options", {})
     try:
-        data = table if options.get("input") == "arrow" else to_pandas(table)
-        result = call_closure(packed["func"], data, packed.get("context"), task)
-    except BaseException as e:                    # noqa: BLE001
-        channel.error("closure", e)
+        out, groups = apply(packed["func"], table, packed.get("context"), task)
+    except _Failed as failed:
+        channel.error(failed.kind, failed.error)
         return
-    channel.log(f"applied closure to {table.num_rows} rows")
-    try:
-        out = to_table(result)
-    except BaseException as e:                    # noqa: BLE001
-        channel.error("result", e)
-        return
+    channel.log(f"applied closure to {table.num_rows} rows"
+                + (f" in {groups} groups" if groups is not None else ""))
     channel.log(f"returned {out.num_rows} rows")
     with channel.lock:
         P.send_frame(channel.sock, P.OUTPUT)
@@ -128,6 +122,75 @@ def run_task(task: dict, stream, channel: Channel, closures: dict) -> None:
         sink.flush()
     channel.log("finished")
     P.send_json(channel.sock, P.DONE, {"rows_in": table.num_rows, "rows_out": out.num_rows})
+
+
+class _Failed(Exception):
+    def __init__(self, kind: str, error: BaseException):
+        super().__init__(kind)
+        self.kind, self.error = kind, error
+
+
+def apply(func, table, context, task: dict):
+    """The closure over the partition, or over each whole group of it.
+
+    Returns the result table and the number of groups (None without group_by).
+    With ``group_by`` the group columns are put in front of a result that
+    dropped them, and empty group results are dropped.
+    """
+    import pyarrow as pa
+
+    options = task.get("options", {})
+    as_arrow = options.get("input") == "arrow"
+    keys = options.get("group_by") or []
+    units = split_groups(table, keys) if keys else [table]
+    parts = []
+    for part in units:
+        try:
+            result = call_closure(func, part if as_arrow else to_pandas(part), context, task)
+        except BaseException as e:                    # noqa: BLE001
+            raise _Failed("closure", e) from None
+        try:
+            out = to_table(result)
+        except BaseException as e:                    # noqa: BLE001
+            raise _Failed("result", e) from None
+        if not keys:
+            return tag(out, task, 0), None
+        if out.num_rows:
+            parts.append(tag(with_keys(out, part, keys), task, len(parts)))
+    if not parts:
+        return pa.table({}), len(units)
+    try:
+        return pa.concat_tables(parts, promote_options="permissive"), len(units)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise _Failed("result", TypeError(f"the groups' results do not share one schema: {e}")) \
+            from None
+
+
+def tag(out, task: dict, unit: int):
+    """For ``fetch_result_as_sdf=False``: which partition and which group each row came from."""
+    import pyarrow as pa
+    if not task.get("options", {}).get("tag_units") or out.num_columns == 0:
+        return out
+    n = out.num_rows
+    out = out.append_column("__wb_partition", pa.array([int(task.get("partition") or 0)] * n, pa.int64()))
+    return out.append_column("__wb_unit", pa.array([unit] * n, pa.int64()))
+
+
+def split_groups(table, keys: list) -> list:
+    """The partition's rows split into whole groups, in order of first appearance."""
+    frame = table.select(keys).to_pandas()
+    index = frame.groupby(keys, sort=False, dropna=False).indices
+    return [table.take(rows) for rows in index.values()]
+
+
+def with_keys(out, part, keys: list):
+    """``out`` with the group columns it lacks put in front, from the group's key."""
+    import pyarrow as pa
+    missing = [k for k in keys if k not in out.column_names]
+    if not missing:
+        return out
+    cols = [pa.repeat(part.column(k)[0], out.num_rows) for k in missing]
+    return pa.Table.from_arrays(cols + list(out.columns), names=missing + out.column_names)
 
 
 def to_pandas(table):
@@ -149,24 +212,35 @@ def to_pandas(table):
 
 
 def call_closure(func, data, context, task: dict):
-    """``func(data)``, or ``func(data, context)`` when it takes two positional args;
-    the partition index by keyword when ``partition_index_param`` is set."""
+    """``func(data)``, or ``func(data, context)`` when it takes two positional
+    parameters; the partition index under ``partition_index_param`` and the
+    barrier task infos as ``barrier=`` when it has such parameters."""
     kwargs = {}
     param = task.get("options", {}).get("partition_index_param")
     if param:
         kwargs[param] = task.get("partition")
-    if _takes_two(func, exclude=param):
+    if task.get("barrier") is not None and _has_param(func, "barrier"):
+        kwargs["barrier"] = task["barrier"]
+    if _takes_two(func, exclude=set(kwargs)):
         return func(data, context, **kwargs)
     return func(data, **kwargs)
 
 
-def _takes_two(func, exclude=None) -> bool:
+def _has_param(func, name: str) -> bool:
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
+def _takes_two(func, exclude=frozenset()) -> bool:
     try:
         sig = inspect.signature(func)
     except (TypeError, ValueError):
         return False
     positional = [p for p in sig.parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != exclude]
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in exclude]
     return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in sig.parameters.values())
 
 

@@ -59,6 +59,7 @@ class TaskSpec:
     out_schema: Optional[pa.Schema] = None
     gateway: Optional[GatewayAddress] = None
     options: WorkerOptions = WorkerOptions()
+    name: Optional[str] = None
 
 
 class _Gone(Exception):
@@ -92,8 +93,10 @@ class _ChildReader(io.RawIOBase):
 class Worker:
     """One partition task: ``Worker(spec, partition, task_id).run(batches)``."""
 
-    def __init__(self, spec: TaskSpec, partition: object, task_id: object):
+    def __init__(self, spec: TaskSpec, partition: object, task_id: object,
+                 extra: Optional[dict] = None):
         self.spec = spec
+        self.extra = dict(extra or {})
         self.closure = spec.closure
         self.partition = partition
         self.task_id = task_id
@@ -112,7 +115,8 @@ class Worker:
             if first is None:
                 self.log.write("Worker", f"partition {self.partition} is empty; no child started")
                 return
-            self.log.write("Worker", f"partition {self.partition} compute starting")
+            label = f" for {self.spec.name!r}" if self.spec.name else ""
+            self.log.write("Worker", f"partition {self.partition} compute starting{label}")
             yield from self._run(first, it)
         finally:
             self.log.flush()
@@ -246,6 +250,7 @@ class Worker:
                "closure_hash": self.closure.digest, "options": self.closure.options}
         if self.closure.context_json is not None:
             msg["context"] = json.loads(self.closure.context_json)
+        msg.update(self.extra)
         return msg
 
     def _write_input(self, conn: socket.socket, first: pa.RecordBatch,
@@ -382,3 +387,10 @@ def task_id_and_partition() -> tuple:
     if tc is None:
         return f"driver-{os.getpid()}", 0
     return tc.taskAttemptId(), tc.partitionId()
+
+
+def barrier_info() -> dict:
+    """In a barrier stage: this task's partition and every task's address."""
+    from pyspark import BarrierTaskContext
+    tc = BarrierTaskContext.get()
+    return {"partition": tc.partitionId(), "address": [t.address for t in tc.getTaskInfos()]}

@@ -1,0 +1,145 @@
+"""spark_apply options with Python closures: group_by, partition index, fetch, barrier, name, env."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from workerbridge import spark_apply, spark_log
+from workerbridge.errors import BadInputError
+
+
+@pytest.fixture(scope="module")
+def groups_df(spark):
+    n = 30_000
+    pdf = pd.DataFrame({"g": np.array(["a", "b", "c"])[np.arange(n) % 3],
+                        "x": np.arange(n, dtype="int64"), "y": np.arange(n) * 0.5})
+    return spark.createDataFrame(pdf).repartition(5)
+
+
+def test_group_by_calls_f_once_per_whole_group(spark, groups_df):
+    def f(d):
+        import workerbridge
+        workerbridge.log(f"group-call {d.g.iloc[0]} {len(d)}")
+        return pd.DataFrame({"n": [len(d)], "total": [int(d.x.sum())]})
+
+    before = len(spark_log(spark, filter="group-call", n=None))
+    out = spark_apply(groups_df, f, group_by="g")
+    assert out.columns == ["g", "n", "total"]            # group column put in front
+    got = sorted(tuple(r) for r in out.collect())
+    want = [(g, 10_000, int(sum(range(k, 30_000, 3)))) for k, g in enumerate("abc")]
+    assert got == want
+    lines = spark_log(spark, filter="group-call", n=None)[before:]
+    # Schema inference ran f on a sample on the driver (ids "driver-N"); the
+    # cluster called it exactly once per group, with the whole group.
+    calls = [c for c in lines if "(driver-" not in c]
+    assert all(int(c.split()[-1]) <= 10 for c in lines if "(driver-" in c)
+    assert len(calls) == 3 and sorted(c.split()[-2] for c in calls) == ["a", "b", "c"]
+    assert all(c.endswith(" 10000") for c in calls)
+
+
+def test_group_by_several_columns_and_explicit_schema(spark):
+    pdf = pd.DataFrame({"k1": [1, 1, 2, 2, 2], "k2": ["x", "y", "x", "x", "y"],
+                        "v": [1.0, 2.0, 3.0, 4.0, 5.0]})
+    df = spark.createDataFrame(pdf).repartition(2)
+    out = spark_apply(df, lambda d: pd.DataFrame({"s": [d.v.sum()]}), group_by=["k1", "k2"],
+                      schema="s double")
+    assert out.columns == ["k1", "k2", "s"]
+    assert sorted(tuple(r) for r in out.collect()) == [(1, "x", 1.0), (1, "y", 2.0),
+                                                        (2, "x", 7.0), (2, "y", 5.0)]
+
+
+def test_group_by_drops_empty_results_and_keeps_null_keys(spark):
+    pdf = pd.DataFrame({"k": ["a", "b", None, "a"], "v": [1, 2, 3, 4]})
+    df = spark.createDataFrame(pdf, "k string, v long").repartition(2)
+    out = spark_apply(df, lambda d: d[d.v > 1], group_by="k", schema="k string, v long")
+    assert sorted((tuple(r) for r in out.collect()), key=repr) == sorted(
+        [("a", 4), ("b", 2), (None, 3)], key=repr)
+
+
+def test_group_by_per_group_regression_equals_local(spark):
+    rng = np.random.default_rng(1)
+    pdf = pd.DataFrame({"g": np.repeat(["p", "q", "r"], 50), "x": rng.normal(size=150)})
+    pdf["y"] = pdf.x * np.repeat([1.0, 2.0, 3.0], 50) + rng.normal(scale=0.1, size=150)
+    df = spark.createDataFrame(pdf).repartition(3)
+
+    def fit(d):
+        slope, intercept = np.polyfit(d.x, d.y, 1)
+        return pd.DataFrame({"slope": [slope], "intercept": [intercept]})
+
+    got = spark_apply(df, fit, group_by="g").toPandas().sort_values("g").reset_index(drop=True)
+    want = pdf.groupby("g").apply(lambda d: fit(d).iloc[0], include_groups=False).reset_index()
+    np.testing.assert_allclose(got[["slope", "intercept"]], want[["slope", "intercept"]])
+
+
+def test_partition_index_param(spark):
+    df = spark.range(40).repartition(4)
+    out = spark_apply(df, lambda d, index: d.assign(part=index), partition_index_param="index",
+                      schema="id long, part int")
+    parts = {r.part for r in out.collect()}
+    assert parts == {0, 1, 2, 3}
+
+
+def test_partition_index_with_context(spark):
+    df = spark.range(10).repartition(2)
+    out = spark_apply(df, lambda d, ctx, part: d.assign(v=ctx + part), context=100,
+                      partition_index_param="part", schema="id long, v long")
+    assert {r.v for r in out.collect()} == {100, 101}
+
+
+def test_fetch_result_as_list(spark):
+    df = spark.range(30).repartition(3)
+    frames = spark_apply(df, lambda d: d.assign(twice=d.id * 2), fetch_result_as_sdf=False)
+    assert isinstance(frames, list) and len(frames) == 3
+    assert all(isinstance(f, pd.DataFrame) and list(f.columns) == ["id", "twice"] for f in frames)
+    assert sorted(int(v) for f in frames for v in f.id) == list(range(30))
+    sizes = spark_apply(df, lambda d: len(d), fetch_result_as_sdf=False)
+    assert sorted(sizes) == sorted(sizes) and sum(sizes) == 30 and len(sizes) == 3
+
+
+def test_fetch_result_per_group(spark, groups_df):
+    per_group = spark_apply(groups_df, lambda d: pd.DataFrame({"n": [len(d)]}), group_by="g",
+                            fetch_result_as_sdf=False)
+    assert sorted((f.g[0], int(f.n[0])) for f in per_group) == [("a", 10000), ("b", 10000),
+                                                                 ("c", 10000)]
+
+
+def test_barrier_passes_task_addresses(spark):
+    df = spark.range(20).repartition(2)
+
+    def f(d, barrier):
+        return pd.DataFrame({"part": [barrier["partition"]], "n_addr": [len(barrier["address"])]})
+
+    out = spark_apply(df, f, barrier=True, schema="part int, n_addr int")
+    assert sorted(tuple(r) for r in out.collect()) == [(0, 2), (1, 2)]
+
+
+def test_name_labels_log_lines_and_env_reaches_child(spark):
+    df = spark.range(5).repartition(1)
+
+    def f(d):
+        import os
+        return d.assign(v=os.environ["WB_TEST_VALUE"])
+
+    out = spark_apply(df, f, name="my step", env={"WB_TEST_VALUE": "hello"},
+                      schema="id long, v string")
+    assert {r.v for r in out.collect()} == {"hello"}
+    assert spark_log(spark, filter="compute starting for 'my step'", n=1)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"group_by": "nope"}, "lacks"),
+    ({"group_by": ["id", "id"]}, "twice"),
+    ({"group_by": 3}, "column name"),
+    ({"fetch_result_as_sdf": "no"}, "True or False"),
+    ({"partition_index_param": "not valid"}, "parameter name"),
+    ({"barrier": True, "group_by": "id"}, "cannot be combined"),
+    ({"input": "polars"}, "input="),
+    ({"env": ["A=1"]}, "env="),
+    ({"sample_rows": 0}, "sample_rows"),
+], ids=["missing-group", "dup-group", "group-type", "fetch-type", "index-name", "barrier-group",
+        "input", "env", "sample-rows"])
+def test_bad_options(spark, kwargs, message):
+    with pytest.raises(BadInputError, match=message):
+        spark_apply(spark.range(3), lambda d: d, **kwargs)
