@@ -6,8 +6,9 @@ import os
 import sys
 import time
 
-import psutil
 import pytest
+
+from wbtest import child_processes
 
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
@@ -27,19 +28,6 @@ def spark():
                .getOrCreate())
     yield session
     session.stop()
-
-
-def child_processes() -> set:
-    """Our children: PyScript / RScript processes anywhere below this test process."""
-    found = set()
-    for p in psutil.Process().children(recursive=True):
-        try:
-            cmd = " ".join(p.cmdline())
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        if "workerbridge.child_python" in cmd or "child.R" in cmd:
-            found.add(p.pid)
-    return found
 
 
 @pytest.fixture(autouse=True)

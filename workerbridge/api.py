@@ -17,6 +17,7 @@ from .closure import R, R_LANG, pack
 from .errors import BadInputError
 from .gateway import Gateway
 from .runtime import Runtime
+from .supervise import parse_bytes
 from .schema import arrow_to_struct, spark_arrow_schema, to_struct
 from .worker import TaskSpec, Worker, WorkerOptions
 
@@ -30,6 +31,7 @@ OPTIONS: dict[str, tuple[Any, Optional[str]]] = {
     "python": (None, "python"),
     "rscript": ("Rscript", "rscript"),
     "timeout": (None, "timeout"),
+    "memory_limit": (None, "memoryLimit"),
     "connect_timeout": (60.0, "connectTimeout"),
     "env": (None, None),
     "input": ("pandas", None),
@@ -87,6 +89,7 @@ def spark_apply(df, f: Union[Callable, R], schema: Any = None, **options: Any):
         python=opts["python"], rscript=opts["rscript"],
         connect_timeout=float(opts["connect_timeout"]),
         timeout=None if opts["timeout"] is None else float(opts["timeout"]),
+        memory_limit=_memory_limit(opts["memory_limit"]),
         env=dict(opts["env"] or {}))
     gateway = _gateway(spark)
     runtime = Runtime.collect(with_r=closure.language == R_LANG)
@@ -185,6 +188,15 @@ def _fetch_units(out) -> list:
         else:
             results.append(part)
     return results
+
+
+def _memory_limit(value) -> Optional[int]:
+    if value is None:
+        return None
+    try:
+        return parse_bytes(value)
+    except ValueError as e:
+        raise BadInputError(f"memory_limit= {e}") from None
 
 
 def _packages(packages) -> list:

@@ -24,7 +24,7 @@ import threading
 from typing import Callable, Optional
 
 from . import protocol as P
-from .logs import GatewayAddress, format_line
+from .logs import GatewayAddress, drop_connection, format_line
 
 DEFAULT_MAX_LINES = 100_000
 AUTH_TIMEOUT_S = 5.0
@@ -53,6 +53,7 @@ class Gateway:
         self._lines: collections.deque = collections.deque(maxlen=max_lines)
         self._lock = threading.Lock()
         self._listeners: list[Callable[[str], None]] = []
+        self._conns: set = set()
         self._file = open(log_path, "a", encoding="utf-8", buffering=1) if log_path else None
         self._server = socket.create_server((host, 0))
         self.host, self.port = self._server.getsockname()[:2]
@@ -106,6 +107,8 @@ class Gateway:
                              name="workerbridge-gateway-conn").start()
 
     def _serve(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._conns.add(conn)
         try:
             with conn:
                 conn.settimeout(AUTH_TIMEOUT_S)
@@ -135,6 +138,9 @@ class Gateway:
         except (OSError, P.ProtocolError) as e:
             if not self._stopped.is_set():
                 self.log(f"closed a Worker connection: {e}", "WARN")
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
 
     def _refuse(self, what: str) -> None:
         self.rejected += 1
@@ -142,10 +148,18 @@ class Gateway:
 
     def stop(self) -> None:
         self._stopped.set()
-        try:
-            self._server.close()
-        except OSError:
-            pass
+        drop_connection(self.address)        # this process's own Worker connection, if any
+        with self._lock:
+            conns = list(self._conns)
+        for conn in [self._server, *conns]:
+            try:
+                conn.shutdown(socket.SHUT_RDWR) if conn is not self._server else None
+            except OSError:
+                pass
+            try:
+                conn.close()
+            except OSError:
+                pass
         if self._file is not None:
             with self._lock:
                 self._file.close()

@@ -85,10 +85,16 @@ class _Connection:
         with cls._cache_lock:
             conn = cls._cache.pop(address, None)
         if conn is not None:
-            try:
-                conn.sock.close()
-            except OSError:
-                pass
+            for f in (conn.reader, conn.sock):
+                try:
+                    f.close()
+                except OSError:
+                    pass
+
+
+def drop_connection(address: GatewayAddress) -> None:
+    """Close this process's cached connection to the Gateway at ``address``."""
+    _Connection.drop(address)
 
 
 class LogSink:

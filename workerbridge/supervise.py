@@ -10,8 +10,11 @@ the protocol (``worker``).
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from typing import Optional, Sequence
 
@@ -40,11 +43,62 @@ def exit_name(code: Optional[int]) -> str:
     return str(code)
 
 
+_SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+
+
+def with_parent_death_signal(argv: Sequence[str]) -> list:
+    """``argv`` run so that the kernel kills it when its parent dies
+    (``PR_SET_PDEATHSIG`` through util-linux ``setpriv``, which then execs, so the
+    pid is the child's own).  Without setpriv, ``argv`` unchanged: the children
+    also exit on EOF of their stdin or socket."""
+    if _SETPRIV is None:
+        return list(argv)
+    return [_SETPRIV, "--pdeathsig", "KILL", "--", *argv]
+
+
+def parse_bytes(text) -> int:
+    """``"2GB"`` → 2147483648; ints pass through.
+
+    >>> parse_bytes("512MB"), parse_bytes("1.5g"), parse_bytes(1024)
+    (536870912, 1610612736, 1024)
+    """
+    if isinstance(text, (int, float)) and not isinstance(text, bool) and text > 0:
+        return int(text)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", str(text), re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"not a size: {text!r} (write e.g. '512MB' or '2GB')")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2).lower() or " "))
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def tree_rss(pid: int) -> int:
+    """Resident memory of ``pid`` and all its descendants, in bytes."""
+    total = 0
+    try:
+        root = psutil.Process(pid)
+        procs = [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
+
+
 class Child:
     """One child process, its stderr file, and its tree."""
 
     def __init__(self, argv: Sequence[str], env: dict, secret: str, cwd: Optional[str] = None):
-        self.argv = list(argv)
+        self.argv = with_parent_death_signal(argv)
         self._stderr = tempfile.TemporaryFile(prefix="workerbridge-stderr-")
         self.proc = subprocess.Popen(
             self.argv, stdin=subprocess.PIPE, stdout=self._stderr, stderr=self._stderr,

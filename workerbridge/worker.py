@@ -35,7 +35,7 @@ from .closure import R_LANG, Closure
 from .errors import ChildDiedError, ClosureError, LimitError, TaskError, TransportError
 from .logs import GatewayAddress, LogSink
 from .runtime import Runtime
-from .supervise import Child, exit_name
+from .supervise import Child, exit_name, format_bytes, tree_rss
 
 POLL_S = 0.2
 
@@ -47,6 +47,7 @@ class WorkerOptions:
     connect_timeout: float = 60.0        # spawn → authenticated connection
     auth_timeout: float = 10.0           # accepted connection → secret
     timeout: Optional[float] = None      # the whole task, once the child is started
+    memory_limit: Optional[int] = None   # bytes of RSS, the child's whole process tree
     env: dict = field(default_factory=dict, hash=False)
 
 
@@ -63,18 +64,24 @@ class TaskSpec:
 
 
 class _Gone(Exception):
-    """Raised inside a read: the child exited, or the deadline passed."""
+    """Raised inside a read: the child exited."""
 
 
-class _Deadline(_Gone):
-    pass
+class _Breach(Exception):
+    """Raised inside a read: a limit was breached (``limit``, ``observed``)."""
+
+    def __init__(self, limit: str, observed: str):
+        super().__init__(f"{limit} breached: {observed}")
+        self.limit, self.observed = limit, observed
 
 
 class _ChildReader(io.RawIOBase):
-    """Reads the socket, but notices a dead child or a passed deadline at once."""
+    """Reads the socket, and between waits asks ``watch()`` whether to give up:
+    so a dead child, a passed deadline or a memory breach is seen at once."""
 
-    def __init__(self, sock: socket.socket, child: Child, deadline: Optional[float]):
-        self.sock, self.child, self.deadline = sock, child, deadline
+    def __init__(self, sock: socket.socket, watch):
+        self.sock, self.watch = sock, watch
+        self._watched = time.monotonic()
 
     def readable(self) -> bool:
         return True
@@ -82,12 +89,16 @@ class _ChildReader(io.RawIOBase):
     def readinto(self, buf) -> int:
         while True:
             ready, _, _ = select.select([self.sock], [], [], POLL_S)
+            now = time.monotonic()
             if ready:
+                # Data first: what a child said before it died still counts.
+                # While data flows, the limits are still checked every POLL_S.
+                if now - self._watched > POLL_S:
+                    self._watched = now
+                    self.watch(data_ready=True)
                 return self.sock.recv_into(buf)
-            if self.child.poll() is not None:
-                raise _Gone(f"the child exited ({exit_name(self.child.returncode)})")
-            if self.deadline is not None and time.monotonic() > self.deadline:
-                raise _Deadline("deadline passed")
+            self._watched = now
+            self.watch(data_ready=False)
 
 
 class Worker:
@@ -127,7 +138,8 @@ class Worker:
         writer: Optional[threading.Thread] = None
         started = time.monotonic()
         opts = self.spec.options
-        deadline = started + opts.timeout if opts.timeout else None
+        self._started = started
+        self._deadline = started + opts.timeout if opts.timeout else None
         try:
             secret = secrets.token_hex(P.SECRET_BYTES)
             port = listener.getsockname()[1]
@@ -142,7 +154,6 @@ class Worker:
             writer = threading.Thread(target=self._write_input, args=(conn, first, rest),
                                       name="workerbridge-input", daemon=True)
             writer.start()
-            stream.raw.deadline = deadline
             yield from self._read_result(stream)
             P.send_frame(conn, P.BYE)
             self.child.close_stdin()
@@ -152,8 +163,10 @@ class Worker:
             raise
         except GeneratorExit:
             raise
+        except _Breach as e:
+            raise self._limit_error(e) from None
         except BaseException as e:                    # classify what broke
-            raise self._classify(e, deadline) from e
+            raise self._classify(e) from e
         finally:
             listener.close()
             if conn is not None:
@@ -216,14 +229,14 @@ class Worker:
                 continue
             conn, _ = listener.accept()
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            stream = io.BufferedReader(
-                _ChildReader(conn, self.child,
-                             min(deadline, time.monotonic() + self.spec.options.auth_timeout)),
-                buffer_size=1 << 20)
+            auth_deadline = min(deadline, time.monotonic() + self.spec.options.auth_timeout)
+            reader = _ChildReader(conn, lambda data_ready: self._watch(auth_deadline, "auth",
+                                                                       data_ready))
+            stream = io.BufferedReader(reader, buffer_size=1 << 20)
             try:
                 got = P.expect(stream, P.AUTH, P.MAX_AUTH_BYTES)
                 ok = hmac.compare_digest(got, want)
-            except (_Deadline, P.ProtocolError, OSError):
+            except (_Breach, P.ProtocolError, OSError):
                 ok = False
             except _Gone:
                 conn.close()
@@ -242,7 +255,7 @@ class Worker:
                     role=self.role, hint="driver and executors run different workerbridge versions")
             P.send_json(conn, P.WELCOME, {"protocol": P.PROTOCOL_VERSION})
             self.stats["child_pid"] = hello.get("pid")
-            stream.raw.deadline = None
+            reader.watch = lambda data_ready: self._watch(self._deadline, "timeout", data_ready)
             return conn, stream
 
     def _task_json(self) -> dict:
@@ -342,18 +355,42 @@ class Worker:
             hint="the child crashed or was killed; its stderr tail is above "
                  "(a segfault, out of memory, or os._exit/quit() in the closure)")
 
-    def _classify(self, e: BaseException, deadline: Optional[float]) -> TaskError:
-        if isinstance(e, _Deadline) or (deadline is not None and time.monotonic() > deadline):
-            code = self.child.poll() if self.child else None
-            return LimitError(
-                f"timeout: the task ran over its limit of {self.spec.options.timeout:g} s",
-                exit_code=code, stderr_tail=self.child.stderr_tail() if self.child else "",
-                partition=self.partition, language=self.language, role=self.role,
-                hint="raise timeout= or make the closure faster")
-        if self.child is not None and self.child.wait(1.0) is not None:
+    def _watch(self, deadline: Optional[float], what: str, data_ready: bool) -> None:
+        """Called while a read waits: raise if the child died or a limit is breached."""
+        if not data_ready and self.child.poll() is not None:
+            raise _Gone(f"the child exited ({exit_name(self.child.returncode)})")
+        now = time.monotonic()
+        if deadline is not None and now > deadline:
+            if what == "auth":
+                raise _Breach("auth", "no secret in time")
+            raise _Breach(f"timeout of {self.spec.options.timeout:g} s",
+                          f"ran {now - self._started:.1f} s")
+        limit = self.spec.options.memory_limit
+        if limit:
+            rss = tree_rss(self.child.pid)
+            self.stats["peak_rss"] = max(self.stats.get("peak_rss", 0), rss)
+            if rss > limit:
+                raise _Breach(f"memory_limit of {format_bytes(limit)}",
+                              f"the child's process tree used {format_bytes(rss)}")
+
+    def _limit_error(self, e: _Breach) -> LimitError:
+        self.log.write("Worker", f"{e.limit} breached ({e.observed}); ending {self.role}", "ERROR")
+        self.child.end()
+        return LimitError(
+            f"{e.limit} breached: {e.observed}", exit_code=self.child.returncode,
+            stderr_tail=self.child.stderr_tail(), partition=self.partition,
+            language=self.language, role=self.role,
+            hint="raise the limit (timeout=, memory_limit=, or spark.workerbridge.* conf keys), "
+                 "or give the closure less data per partition (repartition)")
+
+    def _classify(self, e: BaseException) -> TaskError:
+        broke_protocol = isinstance(e, P.ProtocolError) and not isinstance(e, P.PeerClosed)
+        if not broke_protocol and self.child is not None and self.child.wait(1.0) is not None:
             return self._died(f"the {self.role} child ended before finishing its task")
+        code = self.child.poll() if self.child else None
         return TransportError(
-            f"the connection to {self.role} broke: {type(e).__name__}: {e}",
+            f"the connection to {self.role} broke: {type(e).__name__}: {e}"
+            + (f" (the child then exited with {exit_name(code)})" if code is not None else ""),
             partition=self.partition, language=self.language, role=self.role,
             detail=("stderr tail:\n" + self.child.stderr_tail()) if self.child else "",
             hint="the child sent something that is not the protocol; see its stderr")
