@@ -21,6 +21,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 from typing import Callable, Optional
 
 from . import protocol as P
@@ -51,6 +52,9 @@ class Gateway:
         self.dropped = 0
         self.rejected = 0
         self._lines: collections.deque = collections.deque(maxlen=max_lines)
+        # When each line arrived (epoch seconds): Workers send lines as they happen,
+        # so this is the event's time to within the loopback latency.
+        self._times: collections.deque = collections.deque(maxlen=max_lines)
         self._lock = threading.Lock()
         self._listeners: list[Callable[[str], None]] = []
         self._conns: set = set()
@@ -66,10 +70,12 @@ class Gateway:
 
     # ---- the store -------------------------------------------------------------
     def add(self, line: str) -> None:
+        now = time.time()
         with self._lock:
             if len(self._lines) == self._lines.maxlen:
                 self.dropped += 1
             self._lines.append(line)
+            self._times.append(now)
             if self._file is not None:
                 self._file.write(line + "\n")
             listeners = list(self._listeners)
@@ -87,6 +93,12 @@ class Gateway:
         with self._lock:
             found = [ln for ln in self._lines if filter is None or filter in ln]
         return found if n is None else found[-n:] if n > 0 else []
+
+    def events(self, filter: Optional[str] = None) -> list[tuple[float, str]]:
+        """Every kept line with its arrival time (epoch seconds), oldest first."""
+        with self._lock:
+            return [(t, ln) for t, ln in zip(self._times, self._lines)
+                    if filter is None or filter in ln]
 
     def subscribe(self, fn: Callable[[str], None]) -> None:
         with self._lock:
