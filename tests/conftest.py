@@ -25,6 +25,9 @@ def spark():
                .config("spark.sql.shuffle.partitions", "4")
                .config("spark.sql.session.timeZone", "UTC")
                .config("spark.task.maxFailures", "1")
+               # Warm reuse is tested on its own (test_reuse.py); elsewhere every task
+               # starts and ends its child, so the leak check after each test is strict.
+               .config("spark.workerbridge.reuse", "false")
                .getOrCreate())
     yield session
     session.stop()

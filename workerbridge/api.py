@@ -42,6 +42,8 @@ OPTIONS: dict[str, tuple[Any, Optional[str]]] = {
     "group_by": (None, None),
     "fetch_result_as_sdf": (True, None),
     "barrier": (False, None),
+    "reuse": (True, "reuse"),
+    "idle_timeout": (60.0, "idleTimeout"),
 }
 UNIT_COLUMNS = ("__wb_partition", "__wb_unit")
 
@@ -90,6 +92,7 @@ def spark_apply(df, f: Union[Callable, R], schema: Any = None, **options: Any):
         connect_timeout=float(opts["connect_timeout"]),
         timeout=None if opts["timeout"] is None else float(opts["timeout"]),
         memory_limit=_memory_limit(opts["memory_limit"]),
+        reuse=_flag("reuse", opts["reuse"]), idle_timeout=float(opts["idle_timeout"]),
         env=dict(opts["env"] or {}))
     gateway = _gateway(spark)
     runtime = Runtime.collect(with_r=closure.language == R_LANG)
@@ -190,6 +193,17 @@ def _fetch_units(out) -> list:
     return results
 
 
+def _flag(name: str, value) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise BadInputError(f"{name}= takes True or False, not {value!r}")
+
+
 def _memory_limit(value) -> Optional[int]:
     if value is None:
         return None
@@ -235,7 +249,7 @@ def _resolve_options(spark, options: dict) -> dict:
             out[key] = default if value is None else value
         else:
             out[key] = default
-    for key in ("timeout", "connect_timeout"):
+    for key in ("timeout", "connect_timeout", "idle_timeout"):
         if out[key] is not None:
             try:
                 if float(out[key]) <= 0:

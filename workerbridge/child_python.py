@@ -101,6 +101,7 @@ def run_task(task: dict, stream, channel: Channel, closures: dict) -> None:
             import cloudpickle
             closures.clear()
             closures[digest] = cloudpickle.loads(payload)
+            channel.log(f"loaded closure {digest[:12]} ({len(payload)} bytes)")
         packed = closures[digest]
     except BaseException as e:                    # noqa: BLE001 - reported, not swallowed
         channel.error("unpickle", e)

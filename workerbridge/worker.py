@@ -34,6 +34,7 @@ from . import protocol as P
 from .closure import R_LANG, Closure
 from .errors import ChildDiedError, ClosureError, LimitError, TaskError, TransportError
 from .logs import GatewayAddress, LogSink
+from .pool import POOL, Warm
 from .runtime import Runtime
 from .supervise import Child, exit_name, format_bytes, tree_rss
 
@@ -49,6 +50,8 @@ class WorkerOptions:
     timeout: Optional[float] = None      # the whole task, once the child is started
     memory_limit: Optional[int] = None   # bytes of RSS, the child's whole process tree
     env: dict = field(default_factory=dict, hash=False)
+    reuse: bool = False                  # keep the child warm for the next task
+    idle_timeout: float = 60.0           # seconds a warm child may wait for one
 
 
 @dataclass(frozen=True)
@@ -133,32 +136,43 @@ class Worker:
             self.log.flush()
 
     def _run(self, first: pa.RecordBatch, rest: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        listener = socket.create_server(("127.0.0.1", 0), backlog=4)
-        conn: Optional[socket.socket] = None
-        writer: Optional[threading.Thread] = None
-        started = time.monotonic()
         opts = self.spec.options
-        self._started = started
-        self._deadline = started + opts.timeout if opts.timeout else None
+        self._started = time.monotonic()
+        self._deadline = self._started + opts.timeout if opts.timeout else None
+        argv, env = self._command()
+        key = (tuple(argv), tuple(sorted(opts.env.items())), self.spec.runtime.digest)
+        warm: Optional[Warm] = None
+        writer: Optional[threading.Thread] = None
+        kept = False
         try:
-            secret = secrets.token_hex(P.SECRET_BYTES)
-            port = listener.getsockname()[1]
-            self.child = self._spawn(port, secret)
-            self.log.write("Worker", f"started {self.role} (pid {self.child.pid})")
-            self.log.write("Worker", f"is waiting for {self.role} to connect to port {port}")
-            conn, stream = self._accept(listener, secret, started + opts.connect_timeout)
-            listener.close()                      # a second connection is refused
-            P.send_json(conn, P.TASK, self._task_json())
-            P.send_frame(conn, P.CLOSURE, self.closure.code)
-            P.send_frame(conn, P.INPUT)
-            writer = threading.Thread(target=self._write_input, args=(conn, first, rest),
+            warm = POOL.take(key) if opts.reuse else None
+            if warm is not None:
+                self.child = warm.child
+                self.log.write("Worker", f"reused {self.role} (pid {warm.child.pid}) "
+                                         f"after {warm.tasks} tasks")
+            else:
+                warm = self._start(argv, env)
+            warm.reader.watch = lambda data_ready: self._watch(self._deadline, "timeout", data_ready)
+            P.send_json(warm.conn, P.TASK, self._task_json())
+            # A warm child that has this closure already gets an empty CLOSURE frame.
+            P.send_frame(warm.conn, P.CLOSURE,
+                         b"" if warm.digest == self.closure.digest else self.closure.code)
+            P.send_frame(warm.conn, P.INPUT)
+            writer = threading.Thread(target=self._write_input, args=(warm.conn, first, rest),
                                       name="workerbridge-input", daemon=True)
             writer.start()
-            yield from self._read_result(stream)
-            P.send_frame(conn, P.BYE)
-            self.child.close_stdin()
-            self.child.wait(1.0)
+            yield from self._read_result(warm.stream)
+            writer.join(5.0)
+            warm.digest, warm.tasks = self.closure.digest, warm.tasks + 1
             self.log.write("Worker", f"{self.language} process completed")
+            if opts.reuse and not writer.is_alive():
+                POOL.give(key, warm, opts.idle_timeout)
+                kept = True
+                self.log.write("Worker", f"kept {self.role} (pid {warm.child.pid}) warm for reuse")
+            else:
+                P.send_frame(warm.conn, P.BYE)
+                self.child.close_stdin()
+                self.child.wait(1.0)
         except TaskError:
             raise
         except GeneratorExit:
@@ -168,28 +182,45 @@ class Worker:
         except BaseException as e:                    # classify what broke
             raise self._classify(e) from e
         finally:
-            listener.close()
-            if conn is not None:
-                try:
-                    conn.close()
-                except OSError:
-                    pass
-            if self.child is not None:
-                left = self.child.end()
-                if left:
-                    self.log.write("Worker", f"could not end processes {left}", "ERROR")
-                self.child.release()
+            if not kept:
+                # Never reused after an error, a breach or an early stop.
+                if warm is not None:
+                    for f in (warm.stream, warm.conn):
+                        try:
+                            f.close()
+                        except OSError:
+                            pass
+                if self.child is not None:
+                    left = self.child.end()
+                    if left:
+                        self.log.write("Worker", f"could not end processes {left}", "ERROR")
+                    self.child.release()
             if writer is not None:
                 writer.join(5.0)
 
     # ---- steps ------------------------------------------------------------------------
-    def _spawn(self, port: int, secret: str) -> Child:
+    def _start(self, argv: list, env: dict) -> Warm:
+        """A new child, connected and authenticated."""
+        listener = socket.create_server(("127.0.0.1", 0), backlog=4)
+        try:
+            secret = secrets.token_hex(P.SECRET_BYTES)
+            port = listener.getsockname()[1]
+            env = dict(env, **{P.ENV_PORT: str(port), P.ENV_HOST: "127.0.0.1"})
+            self.child = Child(argv, env, secret)
+            self.log.write("Worker", f"started {self.role} (pid {self.child.pid})")
+            self.log.write("Worker", f"is waiting for {self.role} to connect to port {port}")
+            conn, stream = self._accept(listener, secret,
+                                        self._started + self.spec.options.connect_timeout)
+            return Warm(self.child, conn, stream, stream.raw)
+        finally:
+            listener.close()                      # a second connection is refused
+
+    def _command(self) -> tuple[list, dict]:
+        """The child's argv and environment (without the port)."""
         opts = self.spec.options
         root = self.spec.runtime.materialize()
         env = dict(os.environ)
         env.update({str(k): str(v) for k, v in opts.env.items()})
-        env[P.ENV_PORT] = str(port)
-        env[P.ENV_HOST] = "127.0.0.1"
         if self.closure.language == R_LANG:
             exe = shutil.which(opts.rscript)
             if exe is None:
@@ -198,19 +229,17 @@ class Worker:
                     partition=self.partition, language=self.language, role=self.role,
                     hint="install R on every node (Debian: apt-get install r-base-core), "
                          "or pass rscript='/path/to/Rscript' or set spark.workerbridge.rscript")
-            argv = [exe, "--vanilla", str(root / "rscripts" / "child.R")]
-        else:
-            exe = opts.python or sys.executable
-            if shutil.which(exe) is None:
-                raise ChildDiedError(
-                    f"Python interpreter not found: {exe!r}", exit_code=None, stderr_tail="",
-                    partition=self.partition, language=self.language, role=self.role,
-                    hint="pass python= an interpreter that exists on every node and has "
-                         "pyarrow, pandas and cloudpickle")
-            argv = [exe, "-m", "workerbridge.child_python"]
-            env["PYTHONPATH"] = str(root)
-            env.pop("PYTHONSTARTUP", None)
-        return Child(argv, env, secret)
+            return [exe, "--vanilla", str(root / "rscripts" / "child.R")], env
+        exe = opts.python or sys.executable
+        if shutil.which(exe) is None:
+            raise ChildDiedError(
+                f"Python interpreter not found: {exe!r}", exit_code=None, stderr_tail="",
+                partition=self.partition, language=self.language, role=self.role,
+                hint="pass python= an interpreter that exists on every node and has "
+                     "pyarrow, pandas and cloudpickle")
+        env["PYTHONPATH"] = str(root)
+        env.pop("PYTHONSTARTUP", None)
+        return [exe, "-m", "workerbridge.child_python"], env
 
     def _accept(self, listener: socket.socket, secret: str, deadline: float):
         """The first connection that proves the secret; strangers are refused."""

@@ -1,0 +1,68 @@
+"""Warm child reuse: children kept between tasks, never after an error, gone when idle."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from workerbridge import R, spark_apply, spark_log
+from wbtest import child_processes
+
+LANGS = {"python": lambda: (lambda d: d), "r": lambda: R("function(d) d")}
+
+
+def _new_lines(spark, before: int) -> list:
+    return spark_log(spark, n=None)[before:]
+
+
+@pytest.mark.parametrize("lang", sorted(LANGS))
+def test_warm_children_are_reused_and_reaped(spark, lang):
+    df = spark.range(4000).repartition(8)
+    before = len(spark_log(spark, n=None))
+    out = spark_apply(df, LANGS[lang](), schema="id long", reuse=True, idle_timeout=2)
+    assert sorted(r.id for r in out.collect()) == list(range(4000))
+    lines = _new_lines(spark, before)
+    started = [ln for ln in lines if re.search(r"started (Py|R)Script", ln)]
+    reused = [ln for ln in lines if re.search(r"reused (Py|R)Script", ln)]
+    assert len(started) + len(reused) == 8
+    assert len(started) <= 2 and len(reused) >= 6      # local[2]: one child per Python worker
+    # the same rows through warm children, again
+    assert out.count() == 4000
+    # idle children end after idle_timeout
+    end = time.monotonic() + 15
+    while child_processes() and time.monotonic() < end:
+        time.sleep(0.2)
+    assert not child_processes()
+
+
+def test_closure_sent_once_per_warm_child(spark):
+    df = spark.range(100).repartition(6)
+    before = len(spark_log(spark, n=None))
+    out = spark_apply(df, lambda d: d.assign(k=1), schema="id long, k int", reuse=True,
+                      idle_timeout=3)
+    assert out.count() == 100 and out.count() == 100
+    lines = _new_lines(spark, before)
+    loads = [ln for ln in lines if "loaded closure" in ln]
+    runs = [ln for ln in lines if "applied closure to" in ln]
+    assert len(runs) == 12 and 1 <= len(loads) <= 2        # once per warm child
+    before = len(spark_log(spark, n=None))
+    out2 = spark_apply(df, lambda d: d.assign(k=2), schema="id long, k int", reuse=True,
+                       idle_timeout=1)
+    assert {r.k for r in out2.collect()} == {2}              # a new closure replaces the old
+    assert [ln for ln in _new_lines(spark, before) if "loaded closure" in ln]
+
+
+@pytest.mark.parametrize("lang", sorted(LANGS))
+def test_never_reused_after_an_error(spark, lang):
+    df = spark.range(10).repartition(1)
+    bad = (lambda d: 1 / 0) if lang == "python" else R("function(d) stop('nope')")
+    with pytest.raises(Exception):
+        spark_apply(df, bad, schema="id long", reuse=True, idle_timeout=1).collect()
+    before = len(spark_log(spark, n=None))
+    good = LANGS[lang]()
+    assert spark_apply(df, good, schema="id long", reuse=True, idle_timeout=1).count() == 10
+    lines = _new_lines(spark, before)
+    assert any(re.search(r"started (Py|R)Script", ln) for ln in lines)
+    assert not any("reused" in ln for ln in lines)
