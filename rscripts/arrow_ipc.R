@@ -11,7 +11,8 @@
 #       the end-of-stream marker), a raw vector, or a file path.
 #       Returns a base data.frame (check.names = FALSE, stringsAsFactors = FALSE).
 #   arrow_write_stream(df, con = NULL, batch_rows = 65536L)
-#       Writes df as an Arrow IPC stream to the binary connection `con`, or
+#       Writes df as an Arrow IPC stream to the binary connection `con` (or
+#       hands the bytes, piece by piece, to `con` when it is a function), or
 #       returns the stream as a raw vector when con is NULL.
 #   arrow_prepare_frame(df)
 #       Checks and converts the columns of df for writing (raises an
@@ -100,7 +101,9 @@
     lo[w] <- ifelse(carry, 0, 4294967296 - lo[w])
     hi[w] <- -hi[w] - ifelse(carry, 0, 1)
   }
-  limbs <- list(hi %/% 65536, hi %% 65536, lo %/% 65536, lo %% 65536)
+  h1 <- floor(hi / 65536)
+  l1 <- floor(lo / 65536)
+  limbs <- list(h1, hi - h1 * 65536, l1, lo - l1 * 65536)
   r <- numeric(length(hi))
   q <- numeric(length(hi))
   for (l in limbs) {
@@ -431,19 +434,28 @@
     stop("arrow_read_stream: src must be a connection, a raw vector or a file path")
   }
   # read up to n bytes; fewer only at EOF
+  # (reads in pieces of at most 64 MiB, so that a corrupt length cannot make
+  # readBin allocate a huge vector up front)
   s$read <- function(n) {
     if (n <= 0) return(raw(0))
-    first <- readBin(s$con, "raw", n)
+    first <- readBin(s$con, "raw", min(n, 67108864))
     got <- length(first)
     if (got == n || got == 0L) return(first)
     chunks <- list(first)
     while (got < n) {
-      chunk <- readBin(s$con, "raw", min(n - got, 16777216))
+      chunk <- readBin(s$con, "raw", min(n - got, 67108864))
       if (length(chunk) == 0L) break
       chunks[[length(chunks) + 1L]] <- chunk
       got <- got + length(chunk)
     }
     do.call(c, chunks)
+  }
+  s$skip <- function(n, what) {
+    while (n > 0) {
+      k <- min(n, 16777216)
+      s$read_exact(k, what)
+      n <- n - k
+    }
   }
   s$read_exact <- function(n, what) {
     x <- s$read(n)
@@ -459,8 +471,10 @@
 .ai_max_body <- 17179869184       # 16 GiB
 
 # Read one encapsulated message.  Returns NULL at EOF (before any byte),
-# list(eos = TRUE) at the end-of-stream marker, else list(header_type, header,
-# body, meta).
+# list(eos = TRUE) at the end-of-stream marker, else list(version,
+# header_type, header, body_length, buffers, buffer_error): for record and
+# dictionary batches `buffers` holds the body's buffers as raw vectors (NULL
+# for empty ones), read straight from the source; other bodies are skipped.
 .ai_read_message <- function(s) {
   b4 <- s$read(4L)
   if (length(b4) == 0L) return(NULL)
@@ -490,12 +504,64 @@
   if (is.na(root$body_length) || root$body_length < 0 || root$body_length > .ai_max_body)
     stop(.ai_stream_error(sprintf("corrupt Arrow stream: implausible body length %.0f",
                                   root$body_length)))
+  if (root$version < 3L)
+    stop(.ai_stream_error(sprintf(
+      "Arrow metadata version V%d (before Arrow 0.8) is not supported", root$version + 1L)))
   if (!(root$header_type %in% 1:5) || is.null(root$header))
     stop(.ai_stream_error(sprintf("corrupt Arrow stream: message header type %d",
                                   root$header_type)))
-  body <- s$read_exact(root$body_length, "message body")
   root$eos <- FALSE
-  root$body <- body
+  root$buffers <- NULL
+  root$buffer_error <- NULL
+  # Record and dictionary batches: read the body buffer by buffer (no copy of
+  # the whole body); anything else: read and drop the body.
+  layout <- NULL
+  if (root$header_type %in% c(2L, 3L)) {
+    layout <- tryCatch({
+      rb <- if (root$header_type == 3L) root$header else .fb_subtable(root$header, 1L)
+      if (is.null(rb)) NULL else .fb_pair_vector(rb, 2L)
+    }, error = function(e) {
+      root$buffer_error <<- paste0("corrupt buffer list: ", conditionMessage(e))
+      NULL
+    })
+  }
+  blen <- root$body_length
+  if (!is.null(layout)) {
+    off <- layout$a
+    len <- layout$b
+    ok <- !anyNA(off) && !anyNA(len) && all(off >= 0) && all(len >= 0) && all(off + len <= blen)
+    if (!ok) {
+      bad <- which(is.na(off) | is.na(len) | off < 0 | len < 0 | off + len > blen)[1L]
+      root$buffer_error <- sprintf("buffer %d (offset %.0f, length %.0f) lies outside the %.0f-byte body",
+                                   bad, off[bad], len[bad], blen)
+      layout <- NULL
+    }
+  }
+  if (is.null(layout)) {
+    s$skip(blen, "message body")
+  } else {
+    nbuf <- length(layout$a)
+    bufs <- vector("list", nbuf)
+    sorted <- length(off) < 2L || (!is.unsorted(off) && all(off[-1L] >= (off + len)[-nbuf]))
+    if (sorted) {
+      cur <- 0
+      for (k in seq_len(nbuf)) {
+        if (off[k] > cur) s$skip(off[k] - cur, "message body")
+        if (len[k] > 0) bufs[[k]] <- s$read_exact(len[k], "message body")
+        cur <- off[k] + len[k]
+      }
+      if (blen > cur) s$skip(blen - cur, "message body")
+    } else {
+      body <- s$read_exact(blen, "message body")
+      bcon <- rawConnection(body, "rb")
+      on.exit(close(bcon))
+      for (k in seq_len(nbuf)) if (len[k] > 0) {
+        seek(bcon, off[k])
+        bufs[[k]] <- readBin(bcon, "raw", len[k])
+      }
+    }
+    root$buffers <- bufs
+  }
   root
 }
 
@@ -510,10 +576,7 @@
 
 .ai_empty_base <- function(f, opts) {
   t <- f$type
-  if (!is.null(f$dict)) {
-    t2 <- t
-    return(.ai_empty_base(list(type = t2, dict = NULL), opts))
-  }
+  if (!is.null(f$dict)) return(.ai_empty_base(list(type = t, dict = NULL), opts))
   switch(t$kind,
          Null = , Bool = logical(0),
          Int = if (t$bitWidth <= 16L || (t$bitWidth == 32L && t$signed)) integer(0)
@@ -529,6 +592,7 @@
   t <- f$type
   valid <- .ai_decode_valid(bufs[[1L]], n, null_count)
   need <- function(buf, bytes, what) {
+    if (is.null(buf)) buf <- raw(0)
     if (length(buf) < bytes)
       .ai_col_error(name, sprintf("%s buffer holds %.0f bytes, %.0f needed", what, length(buf), bytes))
     buf
@@ -582,11 +646,12 @@
       offs <- .ai_read_offsets(bufs[[2L]], n, t$kind == "LargeBinary", name)
       data <- bufs[[3L]]
       if (n == 0L) return(list())
-      if (offs[n + 1L] > length(data) || offs[1L] < 0 || any(diff(offs) < 0))
+      if (anyNA(offs) || offs[n + 1L] > length(data) || offs[1L] < 0 || is.unsorted(offs))
         .ai_col_error(name, "binary offsets out of range")
       lens <- diff(offs)
       region <- if (offs[n + 1L] > offs[1L]) data[(offs[1L] + 1):offs[n + 1L]] else raw(0)
-      out <- split(region, factor(rep.int(seq_len(n), lens), levels = seq_len(n)))
+      grp <- structure(rep.int(seq_len(n), lens), levels = as.character(seq_len(n)), class = "factor")
+      out <- split.default(region, grp)
       names(out) <- NULL
       if (!is.null(valid)) out[!valid] <- list(NULL)
       out
@@ -649,7 +714,7 @@
 
 .ai_decode_strings <- function(data, offs, n, valid, name) {
   if (n == 0L) return(character(0))
-  if (anyNA(offs) || offs[1L] < 0 || offs[n + 1L] > length(data) || any(diff(offs) < 0))
+  if (anyNA(offs) || offs[1L] < 0 || offs[n + 1L] > length(data) || is.unsorted(offs))
     .ai_col_error(name, "string offsets out of range")
   total <- offs[n + 1L] - offs[1L]
   if (total > .ai_max_chunk) {
@@ -666,10 +731,10 @@
   }
   out <- character(n)
   if (total > 0) {
-    region <- data[(offs[1L] + 1):offs[n + 1L]]
-    if (any(region == as.raw(0L)))
-      .ai_col_error(name, "a string holds a NUL byte, which R strings cannot hold")
-    big <- rawToChar(region)
+    region <- if (offs[1L] == 0 && offs[n + 1L] == length(data)) data
+              else data[(offs[1L] + 1):offs[n + 1L]]
+    big <- tryCatch(rawToChar(region), error = function(e)
+      .ai_col_error(name, "a string holds a NUL byte, which R strings cannot hold"))
     Encoding(big) <- "bytes"
     rel <- offs - offs[1L]
     out <- substring(big, rel[-(n + 1L)] + 1, rel[-1L])
@@ -715,17 +780,15 @@
   switch(f$type$kind, Null = 0L, Utf8 = , LargeUtf8 = , Binary = , LargeBinary = 3L, 2L)
 }
 
-.ai_decode_batch <- function(rb, body, fields, opts, state, what = "record batch") {
+.ai_decode_batch <- function(rb, msg, fields, opts, state, what = "record batch") {
   if (!is.null(.fb_subtable(rb, 3L)))
     stop(.ai_codec_error("compressed Arrow IPC bodies (RecordBatch.compression) are not supported"))
+  if (!is.null(msg$buffer_error)) stop(.ai_codec_error(paste0(what, ": ", msg$buffer_error)))
   length <- .fb_scalar(rb, 0L, .ai_i64, 0)
   nodes <- .fb_pair_vector(rb, 1L)
-  buffers <- .fb_pair_vector(rb, 2L)
+  buffers <- msg$buffers
   ni <- 0L
   bi <- 0L
-  bcon <- rawConnection(body, "rb")
-  on.exit(close(bcon))
-  blen <- length(body)
   cols <- vector("list", length(fields))
   for (j in seq_along(fields)) {
     f <- fields[[j]]
@@ -738,21 +801,11 @@
     if (n != length)
       .ai_col_error(f$name, sprintf("array length %.0f differs from the batch length %.0f", n, length))
     nb <- .ai_nbuffers(f)
-    bufs <- vector("list", max(nb, 1L))
-    for (k in seq_len(nb)) {
-      bi <- bi + 1L
-      if (bi > length(buffers$a))
-        stop(.ai_codec_error(sprintf("%s has too few buffers for its schema", what)))
-      off <- buffers$a[bi]
-      len <- buffers$b[bi]
-      if (off < 0 || len < 0 || off + len > blen)
-        .ai_col_error(f$name, sprintf("buffer %d (offset %.0f, length %.0f) lies outside the %.0f-byte body",
-                                      k, off, len, blen))
-      if (len > 0) {
-        seek(bcon, off)
-        bufs[[k]] <- readBin(bcon, "raw", len)
-      } else bufs[k] <- list(NULL)
-    }
+    if (bi + nb > length(buffers))
+      stop(.ai_codec_error(sprintf("%s has too few buffers for its schema", what)))
+    bufs <- buffers[bi + seq_len(nb)]
+    if (!nb) bufs <- list(NULL)
+    bi <- bi + nb
     cols[[j]] <- .ai_decode_values(f, n, nc, bufs, f$name, opts, state)
   }
   list(length = length, cols = cols)
@@ -804,7 +857,7 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
     if (!is.null(pending)) next
     pending <- tryCatch({
       if (msg$header_type == 3L) {
-        b <- .ai_decode_batch(msg$header, msg$body, fields, opts, state)
+        b <- .ai_decode_batch(msg$header, msg, fields, opts, state)
         nrows <- nrows + b$length
         for (j in seq_along(fields)) parts[[j]][[length(parts[[j]]) + 1L]] <- b$cols[[j]]
       } else if (msg$header_type == 2L) {
@@ -818,7 +871,7 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
         vf <- list(name = f$name, type = f$type, dict = NULL)
         data <- .fb_subtable(db, 1L)
         if (is.null(data)) stop(.ai_codec_error("dictionary batch without data"))
-        b <- .ai_decode_batch(data, msg$body, list(vf), opts, state, "dictionary batch")
+        b <- .ai_decode_batch(data, msg, list(vf), opts, state, "dictionary batch")
         vals <- b$cols[[1L]]
         key <- as.character(id)
         if (delta && !is.null(state$dicts[[key]])) vals <- c(state$dicts[[key]], vals)
@@ -870,7 +923,7 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
 
 # Check the columns and bring each to a canonical form:
 #   list(name, kind, x, tz) with kind one of bool, int32, float64, utf8,
-#   date32, timestamp, binary.
+#   date32, timestamp, binary, int64 (doubles of class "wb_int64").
 arrow_prepare_frame <- function(df) {
   if (inherits(df, "arrow_prepared_frame")) return(df)
   if (!is.data.frame(df)) stop(.ai_codec_error("arrow_write_stream needs a data.frame"))
@@ -889,7 +942,13 @@ arrow_prepare_frame <- function(df) {
     if (length(x) != nrow)
       .ai_col_error(name, sprintf("has %d values for %d rows", length(x), nrow))
     cls <- class(x)
-    col <- if (is.factor(x)) {
+    col <- if (inherits(x, "wb_int64")) {
+      # integral doubles to be written as int64 (used for workerbridge's own columns)
+      v <- as.numeric(unclass(x))
+      if (any(v != round(v) | abs(v) > 9007199254740992, na.rm = TRUE))
+        .ai_col_error(name, "a wb_int64 column holds values that are not integers within 2^53")
+      list(kind = "int64", x = v)
+    } else if (is.factor(x)) {
       levs <- enc2utf8(as.character(levels(x)))
       list(kind = "utf8", x = levs[as.integer(x)])
     } else if (inherits(x, "Date")) {
@@ -912,12 +971,13 @@ arrow_prepare_frame <- function(df) {
     } else if (is.character(x)) {
       list(kind = "utf8", x = enc2utf8(as.vector(x)))
     } else if (is.list(x)) {
-      ok <- vapply(x, function(v) is.null(v) || is.raw(v), TRUE)
+      isnull <- vapply(x, is.null, NA)
+      ok <- isnull | vapply(x, is.raw, NA)
       if (!all(ok))
         .ai_col_error(name, sprintf(paste0("a list column can be written only when every element ",
                                            "is a raw vector or NULL (row %d is a %s)"),
                                     which(!ok)[1L], class(x[[which(!ok)[1L]]])[1L]))
-      list(kind = "binary", x = x)
+      list(kind = "binary", x = x, isnull = isnull)
     } else {
       .ai_col_error(name, sprintf("a column of type '%s' cannot be written to Arrow", typeof(x)))
     }
@@ -931,9 +991,15 @@ arrow_prepare_frame <- function(df) {
   structure(list(cols = cols, nrow = nrow), class = "arrow_prepared_frame")
 }
 
-.ai_pad8 <- function(bytes) {
-  pad <- (8L - length(bytes) %% 8L) %% 8L
-  if (pad) c(bytes, raw(pad)) else bytes
+# The UTF-8 bytes of x (no NA), concatenated.  writeBin is twice as fast as
+# paste, but writes strings in the native encoding: use it only when that is UTF-8.
+.ai_concat_strings <- function(x) {
+  if (isTRUE(l10n_info()[["UTF-8"]])) {
+    r <- writeBin(x, raw())
+    r[r != as.raw(0L)]
+  } else {
+    charToRaw(paste(x, collapse = ""))
+  }
 }
 
 .ai_bitmap <- function(bits) {
@@ -946,6 +1012,7 @@ arrow_prepare_frame <- function(df) {
   switch(kind,
     bool = list(6L, .fbb_table()),
     int32 = list(2L, .fbb_table(.fbb_field(0L, "i32", 32L), .fbb_field(1L, "bool", 1L))),
+    int64 = list(2L, .fbb_table(.fbb_field(0L, "i32", 64L), .fbb_field(1L, "bool", 1L))),
     float64 = list(3L, .fbb_table(.fbb_field(0L, "i16", 2L))),
     utf8 = list(5L, .fbb_table()),
     binary = list(4L, .fbb_table()),
@@ -991,15 +1058,16 @@ arrow_prepare_frame <- function(df) {
     boffs[length(boffs) + 1L] <<- pos
     blens[length(blens) + 1L] <<- length(bytes)
     if (length(bytes)) {
-      b <- .ai_pad8(bytes)
-      pieces[[length(pieces) + 1L]] <<- b
-      pos <<- pos + length(b)
+      pieces[[length(pieces) + 1L]] <<- bytes
+      pad <- (8L - length(bytes) %% 8L) %% 8L
+      if (pad) pieces[[length(pieces) + 1L]] <<- raw(pad)
+      pos <<- pos + length(bytes) + pad
     }
   }
   for (col in prep$cols) {
     x <- if (is.null(rows)) col$x else col$x[rows]
     na <- if (col$kind == "float64") is.na(x) & !is.nan(x)
-          else if (col$kind == "binary") vapply(x, is.null, TRUE)
+          else if (col$kind == "binary") (if (is.null(rows)) col$isnull else col$isnull[rows])
           else is.na(x)
     nc <- sum(na)
     nlen[length(nlen) + 1L] <- n
@@ -1008,6 +1076,7 @@ arrow_prepare_frame <- function(df) {
     switch(col$kind,
       bool = { x[na] <- FALSE; add(.ai_bitmap(x)) },
       int32 = add(writeBin(x, raw(), size = 4L, endian = "little")),
+      int64 = add(.ai_int64_bytes(x)),
       float64 = add(writeBin(x, raw(), size = 8L, endian = "little")),
       date32 = { x[na] <- 0; add(writeBin(as.integer(x), raw(), size = 4L, endian = "little")) },
       timestamp = add(.ai_int64_bytes(round(x * 1e6))),
@@ -1019,7 +1088,7 @@ arrow_prepare_frame <- function(df) {
         if (total > 2147483647)
           .ai_col_error(col$name, "more than 2 GiB of string data in one batch; use fewer batch_rows")
         add(writeBin(c(0L, as.integer(ends)), raw(), size = 4L, endian = "little"))
-        add(if (total > 0) charToRaw(paste(x, collapse = "")) else raw(0))
+        add(if (total > 0) .ai_concat_strings(x) else raw(0))
       },
       binary = {
         lens <- lengths(x)
@@ -1045,6 +1114,7 @@ arrow_write_stream <- function(df, con = NULL, batch_rows = 65536L) {
   prep <- arrow_prepare_frame(df)
   out <- list()
   emit <- if (is.null(con)) function(bytes) out[[length(out) + 1L]] <<- bytes
+          else if (is.function(con)) con
           else function(bytes) writeBin(bytes, con)
   emit(.ai_schema_message(prep))
   nrow <- prep$nrow
@@ -1064,6 +1134,6 @@ arrow_write_stream <- function(df, con = NULL, batch_rows = 65536L) {
   }
   emit(as.raw(c(0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0)))
   if (is.null(con)) return(do.call(c, out))
-  flush(con)
+  if (!is.function(con)) flush(con)
   invisible(NULL)
 }

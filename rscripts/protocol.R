@@ -11,7 +11,8 @@
 #
 # Base R only.  Public functions:
 #   wb_read_exact(con, n)                     -> raw(n) or a wb_peer_closed error
-#   wb_send_frame(con, type, payload = raw()) -> invisible(NULL)
+#   wb_send_frame(con, type, payload = raw()) -> invisible(NULL)   (con: connection or sink function)
+#   wb_buffered_writer(con, limit = 4194304)  -> list(write, flush, pending, since_flush)
 #   wb_send_json(con, type, obj)              -> invisible(NULL)
 #   wb_recv_frame(con, max_bytes)             -> list(type = <int>, name = <chr>, payload = <raw>)
 #   wb_expect(con, want, max_bytes)           -> payload (raw)
@@ -47,9 +48,11 @@ WB_ENV_HOST <- "WORKERBRIDGE_HOST"
 # ---------------------------------------------------------------------------
 # Conditions
 
-wb_protocol_error <- function(msg, peer_closed = FALSE) {
+# got: for wb_peer_closed, how many bytes of the expected item had arrived
+# (0 means the peer closed the connection cleanly at a frame boundary).
+wb_protocol_error <- function(msg, peer_closed = FALSE, got = NA_real_) {
   cls <- c(if (peer_closed) "wb_peer_closed", "wb_protocol_error", "error", "condition")
-  structure(class = cls, list(message = msg, call = NULL))
+  structure(class = cls, list(message = msg, call = NULL, got = got))
 }
 
 wb_message_name <- function(type) {
@@ -87,7 +90,7 @@ wb_read_exact <- function(con, n) {
     k <- length(chunk)
     if (k == 0L)
       stop(wb_protocol_error(sprintf("connection closed after %.0f of %.0f bytes", got, n),
-                             peer_closed = TRUE))
+                             peer_closed = TRUE, got = got))
     chunks[[length(chunks) + 1L]] <- chunk
     got <- got + k
   }
@@ -100,6 +103,8 @@ wb_pack_header <- function(type, length) {
   writeBin(c(as.integer(type), as.integer(len)), raw(), size = 4L, endian = "big")
 }
 
+# `con` is a binary connection, or a function(bytes) that takes the bytes (for
+# example a buffered writer, see wb_buffered_writer).
 wb_send_frame <- function(con, type, payload = raw()) {
   type <- wb_type_code(type)
   if (is.character(payload)) payload <- charToRaw(enc2utf8(paste(payload, collapse = "")))
@@ -108,6 +113,10 @@ wb_send_frame <- function(con, type, payload = raw()) {
     stop(wb_protocol_error(sprintf("%s frame of %.0f bytes exceeds the %.0f-byte bound",
                                    wb_message_name(type), length(payload), WB_MAX_FRAME_BYTES)))
   header <- wb_pack_header(type, length(payload))
+  if (is.function(con)) {
+    if (length(payload) < 65536L) con(c(header, payload)) else { con(header); con(payload) }
+    return(invisible(NULL))
+  }
   if (length(payload) < 65536L) {
     writeBin(c(header, payload), con)
   } else {
@@ -116,6 +125,42 @@ wb_send_frame <- function(con, type, payload = raw()) {
   }
   flush(con)
   invisible(NULL)
+}
+
+# A write buffer in front of a connection: small frames written back to back
+# would otherwise each wait for the peer's (delayed) ACK under Nagle's
+# algorithm, which R sockets cannot switch off.  Returns list(write(bytes),
+# flush(), pending(), since_flush()).  Writes of `limit` bytes or more flush.
+wb_buffered_writer <- function(con, limit = 4194304) {
+  st <- new.env(parent = emptyenv())
+  st$chunks <- list()
+  st$size <- 0
+  st$last <- proc.time()[["elapsed"]]
+  flush_out <- function() {
+    if (st$size > 0) {
+      bytes <- if (length(st$chunks) == 1L) st$chunks[[1L]] else do.call(c, st$chunks)
+      st$chunks <- list()
+      st$size <- 0
+      writeBin(bytes, con)
+    }
+    flush(con)
+    st$last <- proc.time()[["elapsed"]]
+    invisible(NULL)
+  }
+  write <- function(bytes) {
+    if (length(bytes) >= limit) {
+      flush_out()
+      writeBin(bytes, con)
+      st$last <- proc.time()[["elapsed"]]
+      return(invisible(NULL))
+    }
+    st$chunks[[length(st$chunks) + 1L]] <- bytes
+    st$size <- st$size + length(bytes)
+    if (st$size >= limit) flush_out()
+    invisible(NULL)
+  }
+  list(write = write, flush = flush_out, pending = function() st$size,
+       since_flush = function() proc.time()[["elapsed"]] - st$last)
 }
 
 wb_send_json <- function(con, type, obj) {

@@ -143,3 +143,41 @@ def test_name_labels_log_lines_and_env_reaches_child(spark):
 def test_bad_options(spark, kwargs, message):
     with pytest.raises(BadInputError, match=message):
         spark_apply(spark.range(3), lambda d: d, **kwargs)
+
+
+def test_batch_mode_calls_f_per_arrow_batch(spark):
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "1000")
+    try:
+        df = spark.range(10_000).repartition(2)
+
+        def f(d):
+            import workerbridge
+            workerbridge.log(f"batch-call {len(d)}")
+            return d.assign(n=len(d))
+
+        before = len(spark_log(spark, filter="batch-call", n=None))
+        out = spark_apply(df, f, schema="id long, n long", batch_mode="batch")
+        rows = out.collect()
+        assert sorted(r.id for r in rows) == list(range(10_000))
+        assert max(r.n for r in rows) <= 1000
+        calls = spark_log(spark, filter="batch-call", n=None)[before:]
+        assert len(calls) >= 10 and all(int(c.split()[-1]) <= 1000 for c in calls)
+        assert spark_log(spark, filter="batches", n=1)
+    finally:
+        spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
+
+
+def test_batch_mode_error_mid_stream_fails_the_task(spark):
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "100")
+    try:
+        df = spark.range(1000).repartition(1)
+
+        def f(d):
+            if d.id.max() > 500:
+                raise ValueError("late failure")
+            return d
+
+        with pytest.raises(Exception, match="late failure"):
+            spark_apply(df, f, schema="id long", batch_mode="batch").collect()
+    finally:
+        spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")

@@ -42,6 +42,8 @@ OPTIONS: dict[str, tuple[Any, Optional[str]]] = {
     "group_by": (None, None),
     "fetch_result_as_sdf": (True, None),
     "barrier": (False, None),
+    "progress": (None, "progress"),      # None: a live line on stderr when it is a TTY
+    "batch_mode": ("partition", "batchMode"),
     "reuse": (True, "reuse"),
     "idle_timeout": (60.0, "idleTimeout"),
 }
@@ -77,13 +79,19 @@ def spark_apply(df, f: Union[Callable, R], schema: Any = None, **options: Any):
             not isinstance(opts["partition_index_param"], str)
             or not opts["partition_index_param"].isidentifier()):
         raise BadInputError("partition_index_param= must be a parameter name, like 'index'")
+    if opts["batch_mode"] not in ("partition", "batch"):
+        raise BadInputError(f"batch_mode= must be 'partition' or 'batch', not {opts['batch_mode']!r}")
+    if opts["batch_mode"] == "batch" and group_by:
+        raise BadInputError("batch_mode='batch' cannot be combined with group_by=: "
+                            "a group is always given whole")
     if opts["barrier"] and group_by:
         raise BadInputError("barrier=True cannot be combined with group_by=")
     if opts["name"] is not None and not isinstance(opts["name"], str):
         raise BadInputError("name= must be a string")
     child_options = {"input": opts["input"], "int64": opts["int64"],
                      "partition_index_param": opts["partition_index_param"],
-                     "packages": _packages(opts["packages"]), "group_by": group_by}
+                     "packages": _packages(opts["packages"]), "group_by": group_by,
+                     "batch_mode": opts["batch_mode"]}
     if isinstance(f, R):
         f.check_syntax(opts["rscript"])
     closure = pack(f, opts["context"], child_options)
@@ -95,6 +103,8 @@ def spark_apply(df, f: Union[Callable, R], schema: Any = None, **options: Any):
         reuse=_flag("reuse", opts["reuse"]), idle_timeout=float(opts["idle_timeout"]),
         env=dict(opts["env"] or {}))
     gateway = _gateway(spark)
+    from .progress import attach as _attach_progress
+    _attach_progress(gateway, spark, opts["progress"])
     runtime = Runtime.collect(with_r=closure.language == R_LANG)
     name = opts["name"]
     if schema is None:

@@ -19,7 +19,7 @@ import socket
 import sys
 import threading
 import traceback
-from typing import Any
+from typing import Any, Optional
 
 from workerbridge import protocol as P
 from workerbridge import userlog
@@ -63,15 +63,24 @@ def main() -> int:
 
 
 class Channel:
-    """The child's sending side: log lines, errors, results."""
+    """The child's sending side: log lines, errors, results.
+
+    While an Arrow stream is being written (batch mode, where the closure runs
+    between batches) log lines wait in a queue and follow the stream.
+    """
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
+        self.held: Optional[list] = None
 
     def log(self, message: str, level: str = "INFO", role: str = ROLE) -> None:
+        record = {"level": level, "role": role, "message": message}
         with self.lock:
-            P.send_json(self.sock, P.LOG, {"level": level, "role": role, "message": message})
+            if self.held is not None:
+                self.held.append(record)
+            else:
+                P.send_json(self.sock, P.LOG, record)
 
     def closure_log(self, message: str, level: str = "INFO") -> None:
         self.log(message, level, CLOSURE_ROLE)
@@ -83,6 +92,56 @@ class Channel:
                 "kind": kind, "type": type(exc).__name__, "message": str(exc),
                 "traceback": tb, "call": None})
 
+    def hold(self) -> None:
+        with self.lock:
+            self.held = []
+
+    def release(self) -> None:
+        with self.lock:
+            held, self.held = self.held or [], None
+            for record in held:
+                P.send_json(self.sock, P.LOG, record)
+
+
+class OutputStream:
+    """The OUTPUT frame and its Arrow stream, begun only with the first batch,
+    so an error before it can still travel as an ERROR frame."""
+
+    def __init__(self, channel: Channel):
+        self.channel = channel
+        self.writer = None
+        self.sink = None
+        self.rows = 0
+
+    def write(self, table) -> None:
+        import pyarrow as pa
+        if self.writer is None:
+            self.schema = table.schema
+            P.send_frame(self.channel.sock, P.OUTPUT)
+            self.sink = self.channel.sock.makefile("wb", buffering=1 << 20)
+            self.writer = pa.ipc.new_stream(self.sink, table.schema)
+        elif not table.schema.equals(self.schema):
+            table = _cast_like(table, self.schema)
+        for batch in table.to_batches(max_chunksize=MAX_BATCH_ROWS):
+            self.writer.write_batch(batch)
+        self.rows += table.num_rows
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.sink.flush()
+
+
+def _cast_like(table, schema):
+    if table.schema.names != schema.names:
+        raise ResultTypeError(f"a batch's result has columns {table.schema.names}; the first "
+                              f"batch's had {schema.names}")
+    try:
+        return table.cast(schema)
+    except Exception as e:
+        raise ResultTypeError(f"a batch's result types differ from the first batch's: {e}") \
+            from None
+
 
 def run_task(task: dict, stream, channel: Channel, closures: dict) -> None:
     import pyarrow as pa
@@ -93,9 +152,9 @@ def run_task(task: dict, stream, channel: Channel, closures: dict) -> None:
     digest = task.get("closure_hash", "")
     payload = P.expect(stream, P.CLOSURE)
     P.expect(stream, P.INPUT)
-    table = pa.ipc.open_stream(stream).read_all()
-    channel.log(f"retrieved {table.num_rows} rows")
-    channel.log(f"retrieved {table.num_columns} column names")
+    reader = pa.ipc.open_stream(stream)
+    batch_mode = task.get("options", {}).get("batch_mode") == "batch"
+    table = None if batch_mode else reader.read_all()
     try:
         if digest not in closures:
             import cloudpickle
@@ -104,8 +163,13 @@ def run_task(task: dict, stream, channel: Channel, closures: dict) -> None:
             channel.log(f"loaded closure {digest[:12]} ({len(payload)} bytes)")
         packed = closures[digest]
     except BaseException as e:                    # noqa: BLE001 - reported, not swallowed
+        _drain(reader)
         channel.error("unpickle", e)
         return
+    if batch_mode:
+        return run_batches(packed, reader, task, channel)
+    channel.log(f"retrieved {table.num_rows} rows")
+    channel.log(f"retrieved {table.num_columns} column names")
     try:
         out, groups = apply(packed["func"], table, packed.get("context"), task)
     except _Failed as failed:
@@ -115,14 +179,58 @@ def run_task(task: dict, stream, channel: Channel, closures: dict) -> None:
                 + (f" in {groups} groups" if groups is not None else ""))
     channel.log(f"returned {out.num_rows} rows")
     with channel.lock:
-        P.send_frame(channel.sock, P.OUTPUT)
-        sink = channel.sock.makefile("wb", buffering=1 << 20)
-        with pa.ipc.new_stream(sink, out.schema) as writer:
-            for batch in out.to_batches(max_chunksize=MAX_BATCH_ROWS):
-                writer.write_batch(batch)
-        sink.flush()
+        output = OutputStream(channel)
+        output.write(out)
+        output.close()
     channel.log("finished")
     P.send_json(channel.sock, P.DONE, {"rows_in": table.num_rows, "rows_out": out.num_rows})
+
+
+def run_batches(packed, reader, task: dict, channel: Channel) -> None:
+    """Batch mode: the closure per Arrow batch, results streamed back while the
+    input still arrives; memory bounded by a batch."""
+    import pyarrow as pa
+    rows_in = batches = 0
+    failure = None
+    output = OutputStream(channel)
+    channel.hold()
+    try:
+        for batch in reader:
+            rows_in += batch.num_rows
+            batches += 1
+            out, _ = apply(packed["func"], pa.Table.from_batches([batch]), packed.get("context"),
+                           task)
+            if out.num_rows or output.writer is None:
+                output.write(out)
+    except _Failed as failed:
+        failure = failed
+    except ResultTypeError as e:
+        failure = _Failed("result", e)
+    finally:
+        output.close()
+        channel.release()
+    if failure is not None:
+        _drain(reader)
+        channel.error(failure.kind, failure.error)
+        return
+    if output.writer is None:                      # no input batch at all
+        output.write(pa.table({}))
+        output.close()
+    channel.log(f"retrieved {rows_in} rows")
+    channel.log(f"retrieved {len(reader.schema)} column names")
+    channel.log(f"applied closure to {rows_in} rows in {batches} batches")
+    channel.log(f"returned {output.rows} rows")
+    channel.log("finished")
+    P.send_json(channel.sock, P.DONE, {"rows_in": rows_in, "rows_out": output.rows})
+
+
+def _drain(reader) -> None:
+    """Read what is left of an input stream, so the next frame starts clean."""
+    try:
+        for _ in reader:
+            pass
+    except Exception:   # noqa: BLE001 - the Worker ends a child after an error anyway
+        pass
 
 
 class _Failed(Exception):

@@ -35,7 +35,7 @@ def format_line(role: str, ident: object, message: str, level: str = "INFO",
                 when: Optional[float] = None) -> str:
     """One log line; newlines in ``message`` are folded so a line stays a line.
 
-    >>> format_line("Worker", 7, "partition 0 compute starting", when=0)[17:]
+    >>> format_line("Worker", 7, "partition 0 compute starting", when=0)[18:]
     'INFO workerbridge: Worker (7) partition 0 compute starting'
     """
     stamp = time.strftime("%y/%m/%d %H:%M:%S", time.localtime(time.time() if when is None else when))
