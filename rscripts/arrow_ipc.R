@@ -624,7 +624,8 @@
           x <- .ai_i64_to_character(h, t$signed)
         } else {
           x <- h$hi * 4294967296 + h$lo
-          big <- abs(x) > 9007199254740992
+          # exact test on the halves (x itself is already rounded): v > 2^53 or v < -2^53
+          big <- h$hi > 2097152 | (h$hi == 2097152 & h$lo > 0) | h$hi < -2097152
           if (!is.null(valid)) big <- big & valid
           if (any(big)) state$warn[[name]] <- TRUE
         }

@@ -351,7 +351,13 @@ local({
 
   # the input is always read to its end, so that the socket stays in step
   wb_expect(con, "INPUT")
-  df <- tryCatch(wb_nojit(arrow_read_stream(con, int64 = int64, factors = factors)),
+  # decoding warnings (int64 beyond 2^53) become WARN lines in the driver's log
+  df <- tryCatch(withCallingHandlers(
+                   wb_nojit(arrow_read_stream(con, int64 = int64, factors = factors)),
+                   warning = function(w) {
+                     log_msg(conditionMessage(w), level = "WARN")
+                     invokeRestart("muffleWarning")
+                   }),
                  arrow_codec_error = function(e) e)
   if (inherits(df, "arrow_codec_error")) {
     if (is.null(failure)) {

@@ -371,6 +371,8 @@ def to_table(result):
         return pa.Table.from_batches([result])
     if isinstance(result, pd.DataFrame):
         _check_columns(list(result.columns))
+        if result.shape[1] == 0:                   # keep the row count of a column-less frame
+            return pa.table({"_": pa.nulls(len(result))}).drop(["_"])
         return pa.Table.from_pandas(result, preserve_index=False)
     if isinstance(result, dict):
         scalars = all(pd.api.types.is_scalar(v) for v in result.values())
