@@ -246,24 +246,6 @@ def test_closure_log_lines(spark):
     assert " WARN " in lines[1] and lines[1].endswith("careful")
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda s, df: spark_apply(df.toPandas(), lambda d: d), "pyspark DataFrame"),
-    (lambda s, df: spark_apply(df, 42), "callable"),
-    (lambda s, df: spark_apply(df, "function(df) df"), "wrap R code"),
-    (lambda s, df: spark_apply(df, lambda d: d, schema="id lonk"), "does not parse"),
-    (lambda s, df: spark_apply(df, lambda d: d, schema=3), "DDL string"),
-    (lambda s, df: spark_apply(df, lambda d: d, schema="a long, a long"), "more than once"),
-    (lambda s, df: spark_apply(df, lambda d: d, colums="x"), "unknown option"),
-    (lambda s, df: spark_apply(df, lambda d: d, timeout=-1), "positive number"),
-    (lambda s, df: spark_apply(df.limit(0), lambda d: d), "no rows to sample"),
-], ids=["pandas-df", "not-callable", "r-string", "bad-ddl", "bad-schema-type", "dup-columns",
-        "unknown-option", "bad-timeout", "empty-sample"])
-def test_bad_input_is_caught_on_the_driver(spark, call, message):
-    df = spark.range(3)
-    with pytest.raises(BadInputError, match=message):
-        call(spark, df)
-
-
 def test_unpicklable_closure_names_the_capture(spark):
     import threading
     lock = threading.Lock()

@@ -128,23 +128,6 @@ def test_name_labels_log_lines_and_env_reaches_child(spark):
     assert spark_log(spark, filter="compute starting for 'my step'", n=1)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"group_by": "nope"}, "lacks"),
-    ({"group_by": ["id", "id"]}, "twice"),
-    ({"group_by": 3}, "column name"),
-    ({"fetch_result_as_sdf": "no"}, "True or False"),
-    ({"partition_index_param": "not valid"}, "parameter name"),
-    ({"barrier": True, "group_by": "id"}, "cannot be combined"),
-    ({"input": "polars"}, "input="),
-    ({"env": ["A=1"]}, "env="),
-    ({"sample_rows": 0}, "sample_rows"),
-], ids=["missing-group", "dup-group", "group-type", "fetch-type", "index-name", "barrier-group",
-        "input", "env", "sample-rows"])
-def test_bad_options(spark, kwargs, message):
-    with pytest.raises(BadInputError, match=message):
-        spark_apply(spark.range(3), lambda d: d, **kwargs)
-
-
 def test_batch_mode_calls_f_per_arrow_batch(spark):
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "1000")
     try:

@@ -65,6 +65,10 @@ def spark_apply(df, f: Union[Callable, R], schema: Any = None, **options: Any):
     >>> out = spark_apply(df, lambda d: d.assign(y=d.x * 2))      # doctest: +SKIP
     """
     _check_dataframe(df)
+    dup = sorted({c for c in df.columns if df.columns.count(c) > 1})
+    if dup:
+        raise BadInputError(f"df has duplicate column names {dup}; rename them first "
+                            "(for example df.toDF(*new_names))")
     spark = df.sparkSession
     opts = _resolve_options(spark, options)
     if opts["input"] not in ("pandas", "arrow"):

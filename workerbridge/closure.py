@@ -60,9 +60,15 @@ class R:
             raise BadInputError(
                 f"Rscript not found as {rscript!r} on the driver; install R "
                 "(Debian: apt-get install r-base-core) or pass rscript='/path/to/Rscript'")
+        # Parse only: top-level code is not run on the driver (it may need
+        # packages that only the nodes have).  A code whose value is plainly
+        # not a function (a constant) is refused here too.
         probe = ("src <- readLines(file('stdin'), warn = FALSE, encoding = 'UTF-8');"
                  "r <- tryCatch({ exprs <- parse(text = src, keep.source = FALSE);"
-                 " if (length(exprs) == 0L) 'ERR the code has no expression' else 'OK' },"
+                 " if (length(exprs) == 0L) 'ERR the code has no expression'"
+                 " else if (is.atomic(exprs[[length(exprs)]]))"
+                 "  'NOTFN the value of the code is a constant, not a function'"
+                 " else 'OK' },"
                  " error = function(e) paste('ERR', conditionMessage(e)));"
                  "cat(r, '\\n', sep = '')")
         try:
@@ -75,6 +81,9 @@ class R:
             return
         if text.startswith("ERR"):
             raise BadInputError(f"R syntax error in {self.origin}: {text[4:]}")
+        if text.startswith("NOTFN"):
+            raise BadInputError(f"R code in {self.origin} is not a function: {text[6:]}; "
+                                "write R('function(df) ...')")
         raise BadInputError(f"could not check the R code with {exe}: "
                             f"{out.stderr.decode('utf-8', 'replace')[-800:]}")
 
@@ -156,6 +165,9 @@ def _unpicklable_capture(f: Callable) -> Optional[str]:
     return None
 
 
+MAX_R_CONTEXT_BYTES = 64 << 20
+
+
 def _context_json(context: Any) -> str:
     """The context for an R closure as JSON (numbers, strings, bools, lists, dicts,
     pandas DataFrames as column lists)."""
@@ -172,11 +184,16 @@ def _context_json(context: Any) -> str:
             return list(o)
         raise TypeError(f"a {type(o).__name__} cannot travel to R")
     try:
-        return json.dumps(_finite(context), default=default, allow_nan=False, ensure_ascii=False)
+        text = json.dumps(_finite(context), default=default, allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError) as e:
         raise BadInputError(
             f"context= cannot be sent to an R closure: {e}. R contexts are JSON-like: "
             "numbers, strings, bools, None, lists, dicts and pandas DataFrames") from None
+    if len(text) > MAX_R_CONTEXT_BYTES:
+        raise BadInputError(
+            f"context= is {len(text) / 2**20:.0f} MB as JSON; an R context may be at most "
+            f"{MAX_R_CONTEXT_BYTES >> 20} MB. Put large data in a DataFrame and join it instead")
+    return text
 
 
 def _plain(values: list) -> list:
