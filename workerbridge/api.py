@@ -13,6 +13,9 @@ import os
 import tempfile
 from typing import Any, Callable, Optional, Union
 
+import cloudpickle
+
+from . import __version__, _bootstrap
 from .closure import R, R_LANG, pack
 from .errors import BadInputError
 from .gateway import Gateway
@@ -22,6 +25,16 @@ from .schema import arrow_to_struct, spark_arrow_schema, to_struct
 from .worker import TaskSpec, Worker, WorkerOptions
 
 CONF_PREFIX = "spark.workerbridge."
+
+# The task function travels by value (with the package's files inside it), so
+# executors need no workerbridge installed.  PySpark pickles with its own copy
+# of cloudpickle; register with both.
+cloudpickle.register_pickle_by_value(_bootstrap)
+try:
+    from pyspark import cloudpickle as _spark_cloudpickle
+    _spark_cloudpickle.register_pickle_by_value(_bootstrap)
+except ImportError:                       # pragma: no cover - pyspark is a dependency
+    pass
 _inference_ids = itertools.count(1)
 
 # option name -> (default, conf key suffix or None)
@@ -122,20 +135,17 @@ def spark_apply(df, f: Union[Callable, R], schema: Any = None, **options: Any):
         closure = pack(f, opts["context"], dict(child_options, tag_units=True))
         struct = _with_unit_columns(struct)
     large = str(spark.conf.get("spark.sql.execution.arrow.useLargeVarTypes", "false")).lower()
-    spec = TaskSpec(closure, runtime, spark_arrow_schema(struct, large == "true"),
-                    gateway.address, worker_options, name)
-    barrier = opts["barrier"]
-
-    def apply_partition(batches):
-        from workerbridge.worker import Worker, barrier_info, task_id_and_partition
-        task_id, partition = task_id_and_partition()
-        extra = {"barrier": barrier_info()} if barrier else None
-        yield from Worker(spec, partition, task_id, extra).run(batches)
-
+    # The task carries the package's files itself (compressed), so the spec
+    # inside it names only their digest.
+    spec = TaskSpec(closure, Runtime({}, runtime.digest),
+                    spark_arrow_schema(struct, large == "true"), gateway.address,
+                    worker_options, name)
+    task = _bootstrap.make_task(runtime.blob(), runtime.digest, __version__,
+                                cloudpickle.dumps(spec), opts["barrier"])
     if name:
-        apply_partition.__name__ = apply_partition.__qualname__ = _identifier(name)
+        task.__name__ = task.__qualname__ = _identifier(name)
     source = df.repartition(*group_by) if group_by else df
-    out = source.mapInArrow(apply_partition, struct, barrier=barrier)
+    out = source.mapInArrow(task, struct, barrier=opts["barrier"])
     return out if fetch else _fetch_units(out)
 
 

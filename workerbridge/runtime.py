@@ -11,13 +11,12 @@ venv sees only these files, not the driver's site-packages.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ._bootstrap import materialize, pack_files
+
 PACKAGE_DIR = Path(__file__).resolve().parent
-PYTHON_FILES = ("__init__.py", "protocol.py", "child_python.py", "userlog.py")
 R_FILES = ("protocol.R", "arrow_ipc.R", "child.R")
 
 
@@ -33,15 +32,16 @@ def r_scripts_dir() -> Path:
 
 @dataclass(frozen=True)
 class Runtime:
-    """Relative path → file text, and the hash that names the directory."""
+    """Relative path → file text (every module of the package, and the R files
+    for R closures), and the hash that names the directory."""
 
     files: dict = field(hash=False)
     digest: str = ""
 
     @classmethod
     def collect(cls, with_r: bool) -> "Runtime":
-        files = {f"workerbridge/{name}": (PACKAGE_DIR / name).read_text("utf-8")
-                 for name in PYTHON_FILES}
+        files = {f"workerbridge/{p.name}": p.read_text("utf-8")
+                 for p in sorted(PACKAGE_DIR.glob("*.py"))}
         if with_r:
             rdir = r_scripts_dir()
             files.update({f"rscripts/{name}": (rdir / name).read_text("utf-8") for name in R_FILES})
@@ -50,24 +50,10 @@ class Runtime:
             h.update(path.encode() + b"\0" + files[path].encode("utf-8") + b"\0")
         return cls(files, h.hexdigest()[:16])
 
+    def blob(self) -> bytes:
+        """The files, compressed, as they travel inside the task."""
+        return pack_files(self.files)
+
     def materialize(self, base: str | None = None) -> Path:
         """The directory holding these files, written on first use (atomically)."""
-        root = Path(base or tempfile.gettempdir()) / f"workerbridge-runtime-{os.getuid()}-{self.digest}"
-        if root.is_dir():
-            return root
-        staging = Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
-        for rel, text in self.files.items():
-            target = staging / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text, "utf-8")
-        try:
-            os.rename(staging, root)           # another task may have won the race
-        except OSError:
-            _remove_tree(staging)
-        return root
-
-
-def _remove_tree(path: Path) -> None:
-    for sub in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        sub.rmdir() if sub.is_dir() else sub.unlink()
-    path.rmdir()
+        return Path(materialize(self.files, self.digest, base))
