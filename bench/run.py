@@ -1,12 +1,17 @@
-"""Benchmark: spark_apply against Spark's in-process Arrow/pandas paths, in one session.
+"""Benchmark: spark_apply against Spark's in-process paths and rpy2, in one SparkSession.
 
-    .venv/bin/python bench/run.py                       # 1M rows x 5 columns, P=2
-    .venv/bin/python bench/run.py --rows 100000 1000000 --partitions 2 8 --repeat 3
+    make bench                                            # the full matrix (~15 min)
+    .venv/bin/python bench/run.py --rows 1000000 --partitions 2 --repeat 3
+    .venv/bin/python bench/run.py --only mapInPandas "spark_apply R warm"
 
-Every method runs an identity closure over a cached DataFrame of N rows x
-(2 long, 2 double, 1 string), forced with the ``noop`` writer so no rows travel
-to the driver.  Prints a table of median seconds with the ratio to
-``mapInPandas`` and writes it as JSON to bench/results/.
+For each rows x partitions cell, every method runs an identity closure and a
+small transform (``x * 2``) over a cached DataFrame of N rows x (2 long,
+2 double, 1 string), forced with the ``noop`` writer so no rows travel to the
+driver; each timing is the median of ``--repeat`` runs after one warm-up run.
+Cold = a new child per partition (``reuse=False``), warm = children kept
+between tasks (the default).  Prints a table with the ratio to ``mapInPandas``,
+the per-partition overhead (P=64 against P=2) and the peak RSS of the children,
+and writes JSON and a PNG chart to bench/results/.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import sys
@@ -23,15 +29,18 @@ import time
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
 
 def session():
     from pyspark.sql import SparkSession
     spark = (SparkSession.builder.master("local[2]").appName("workerbridge-bench")
              .config("spark.ui.enabled", "false")
+             .config("spark.ui.showConsoleProgress", "false")
              .config("spark.driver.host", "127.0.0.1")
              .config("spark.driver.bindAddress", "127.0.0.1")
-             .config("spark.driver.memory", "4g")
-             .config("spark.ui.showConsoleProgress", "false")
+             .config("spark.driver.memory", "6g")
+             .config("spark.sql.execution.arrow.maxRecordsPerBatch", "100000")
              .getOrCreate())
     spark.sparkContext.setLogLevel("ERROR")
     return spark
@@ -48,82 +57,201 @@ def data(spark, rows: int, partitions: int):
     return df
 
 
-def methods(df, with_r: bool):
+def have_rpy2() -> bool:
+    try:
+        import rpy2.robjects  # noqa: F401
+        return True
+    except Exception:       # noqa: BLE001 - any failure to load means: not available
+        return False
+
+
+def methods(with_r: bool, with_rpy2: bool) -> dict:
+    """name -> build(df, transform) returning a DataFrame."""
     from workerbridge import R, spark_apply
-    schema = df.schema
+    # memory_limit far above use: it turns on the RSS polling that reports peaks
+    watch = {"memory_limit": "1TB"}
 
-    def map_in_arrow():
-        return df.mapInArrow(lambda it: it, schema)
+    def py(reuse, arrow=False):
+        def build(df, transform):
+            if arrow:
+                import pyarrow.compute as pc
+                f = (lambda t: t.set_column(2, "x", pc.multiply(t.column("x"), 2))) if transform \
+                    else (lambda t: t)
+                return spark_apply(df, f, schema=df.schema, input="arrow", reuse=reuse, **watch)
+            f = (lambda d: d.assign(x=d.x * 2)) if transform else (lambda d: d)
+            return spark_apply(df, f, schema=df.schema, reuse=reuse, **watch)
+        return build
 
-    def map_in_pandas():
-        return df.mapInPandas(lambda it: it, schema)
+    def r(reuse):
+        def build(df, transform):
+            code = "function(d) { d$x <- d$x * 2; d }" if transform else "function(d) d"
+            return spark_apply(df, R(code), schema=df.schema, reuse=reuse, **watch)
+        return build
 
-    def py_apply():
-        return spark_apply(df, lambda d: d, schema=schema)
+    def map_in_arrow(df, transform):
+        import pyarrow.compute as pc
+        if transform:
+            return df.mapInArrow(lambda it: (b.set_column(2, "x", pc.multiply(b.column("x"), 2))
+                                             for b in it), df.schema)
+        return df.mapInArrow(lambda it: it, df.schema)
 
-    def py_apply_arrow():
-        return spark_apply(df, lambda t: t, schema=schema, input="arrow")
+    def map_in_pandas(df, transform):
+        if transform:
+            return df.mapInPandas(lambda it: (d.assign(x=d.x * 2) for d in it), df.schema)
+        return df.mapInPandas(lambda it: it, df.schema)
+
+    def rpy2_in_pandas(df, transform):
+        code = "function(d) { d$x <- d$x * 2; d }" if transform else "function(d) d"
+
+        def run(it):
+            import rpy2.robjects as ro
+            from rpy2.robjects import pandas2ri
+            from rpy2.robjects.conversion import localconverter
+            f = ro.r(code)
+            for pdf in it:
+                with localconverter(ro.default_converter + pandas2ri.converter):
+                    yield ro.conversion.get_conversion().rpy2py(
+                        f(ro.conversion.get_conversion().py2rpy(pdf)))
+        return df.mapInPandas(run, df.schema)
 
     out = {"mapInArrow": map_in_arrow, "mapInPandas": map_in_pandas,
-           "spark_apply Python": py_apply, "spark_apply Python (input=arrow)": py_apply_arrow}
+           "spark_apply Python cold": py(False), "spark_apply Python warm": py(True),
+           "spark_apply Python warm input=arrow": py(True, arrow=True)}
     if with_r:
-        def r_apply():
-            return spark_apply(df, R("function(d) d"), schema=schema)
-        out["spark_apply R"] = r_apply
+        out["spark_apply R cold"] = r(False)
+        out["spark_apply R warm"] = r(True)
+    if with_rpy2:
+        out["rpy2 in mapInPandas"] = rpy2_in_pandas
     return out
 
 
-def timed(build, repeat: int) -> list[float]:
+def timed(out, repeat: int) -> list[float]:
     times = []
     for _ in range(repeat):
-        out = build()
         t0 = time.perf_counter()
         out.write.format("noop").mode("overwrite").save()
         times.append(time.perf_counter() - t0)
     return times
 
 
+def peak_rss_mb(spark, before: int) -> float | None:
+    from workerbridge import spark_log
+    peaks = []
+    for ln in spark_log(spark, filter="peak RSS", n=None)[before:]:
+        m = re.search(r"([\d.]+) (B|KB|MB|GB)$", ln)
+        if m:
+            peaks.append(float(m.group(1)) * {"B": 2**-20, "KB": 2**-10, "MB": 1, "GB": 1024}[m.group(2)])
+    return max(peaks) if peaks else None
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, nargs="+", default=[1_000_000])
-    ap.add_argument("--partitions", type=int, nargs="+", default=[2])
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000, 5_000_000])
+    ap.add_argument("--partitions", type=int, nargs="+", default=[2, 8, 64])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-r", action="store_true")
+    ap.add_argument("--no-transform", action="store_true", help="identity only")
     ap.add_argument("--only", nargs="*", help="method names to run")
     args = ap.parse_args()
+    from workerbridge import spark_log
     with_r = not args.no_r and shutil.which("Rscript") is not None
     spark = session()
+    table = methods(with_r, have_rpy2())
     results = []
     for rows in args.rows:
         for parts in args.partitions:
             df = data(spark, rows, parts)
-            for name, build in methods(df, with_r).items():
+            for name, build in table.items():
                 if args.only and name not in args.only:
                     continue
-                timed(build, 1)                                       # warm-up
-                times = timed(build, args.repeat)
-                results.append({"method": name, "rows": rows, "partitions": parts,
-                                "median_s": statistics.median(times), "runs_s": times})
-                print(f"{name:34s} rows={rows:>9,d} P={parts:<3d} median {statistics.median(times):7.3f} s",
-                      flush=True)
+                if name.startswith("rpy2") and rows > 1_000_000:
+                    continue                     # minutes per run; 1M says enough
+                for transform in ([False] if args.no_transform else [False, True]):
+                    out = build(df, transform)
+                    timed(out, 1)                                     # warm-up
+                    before = len(spark_log(spark, n=None))
+                    times = timed(out, args.repeat)
+                    rec = {"method": name, "closure": "transform" if transform else "identity",
+                           "rows": rows, "partitions": parts,
+                           "median_s": statistics.median(times), "runs_s": times,
+                           "peak_child_rss_mb": peak_rss_mb(spark, before)}
+                    results.append(rec)
+                    print(f"{name:38s} {rec['closure']:9s} rows={rows:>9,d} P={parts:<3d} "
+                          f"median {rec['median_s']:7.3f} s", flush=True)
             df.unpersist()
+    report(results)
+    spark.stop()
+
+
+def report(results: list) -> None:
+    def base(r):
+        for b in results:
+            if (b["method"] == "mapInPandas" and b["rows"] == r["rows"]
+                    and b["partitions"] == r["partitions"] and b["closure"] == r["closure"]):
+                return b["median_s"]
+        return float("nan")
+
     print()
-    print(f"{'method':34s} {'rows':>9s} {'P':>3s} {'median s':>9s} {'x mapInPandas':>14s}")
+    print(f"| method | closure | rows | P | median s | x mapInPandas | peak child RSS MB |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
-        base = next(b["median_s"] for b in results if b["method"] == "mapInPandas"
-                    and b["rows"] == r["rows"] and b["partitions"] == r["partitions"]) \
-            if any(b["method"] == "mapInPandas" for b in results) else float("nan")
-        r["ratio_to_mapInPandas"] = r["median_s"] / base
-        print(f"{r['method']:34s} {r['rows']:>9,d} {r['partitions']:>3d} {r['median_s']:9.3f} "
-              f"{r['ratio_to_mapInPandas']:14.2f}")
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    path = os.path.join(os.path.dirname(__file__), "results",
-                        time.strftime("bench-%Y%m%d-%H%M%S.json"))
+        r["ratio_to_mapInPandas"] = r["median_s"] / base(r)
+        rss = f"{r['peak_child_rss_mb']:.0f}" if r.get("peak_child_rss_mb") else ""
+        print(f"| {r['method']} | {r['closure']} | {r['rows']:,} | {r['partitions']} | "
+              f"{r['median_s']:.3f} | {r['ratio_to_mapInPandas']:.2f} | {rss} |")
+    overhead = per_partition_overhead(results)
+    if overhead:
+        print("\nper-partition overhead, (t(P=64) - t(P=2)) / 62, smallest rows, identity:")
+        for name, ms in overhead.items():
+            print(f"  {name:38s} {ms:7.1f} ms")
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(HERE, "results", f"bench-{stamp}.json")
     with open(path, "w") as f:
         json.dump({"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
-                   "cpus": os.cpu_count(), "results": results}, f, indent=1)
+                   "cpus": os.cpu_count(), "results": results,
+                   "per_partition_overhead_ms": overhead}, f, indent=1)
     print(f"\nwritten {path}")
-    spark.stop()
+    chart(results, os.path.join(HERE, "results", f"bench-{stamp}.png"))
+
+
+def per_partition_overhead(results: list) -> dict:
+    out = {}
+    rows = min((r["rows"] for r in results), default=None)
+    for name in dict.fromkeys(r["method"] for r in results):
+        t = {r["partitions"]: r["median_s"] for r in results
+             if r["method"] == name and r["rows"] == rows and r["closure"] == "identity"}
+        if 2 in t and 64 in t:
+            out[name] = (t[64] - t[2]) / 62 * 1000
+    return out
+
+
+def chart(results: list, path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no chart (pip install matplotlib)")
+        return
+    cells = sorted({(r["rows"], r["partitions"]) for r in results if r["closure"] == "identity"})
+    names = list(dict.fromkeys(r["method"] for r in results))
+    fig, ax = plt.subplots(figsize=(max(8, len(cells) * 1.4), 5))
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        ys = [next((r["median_s"] for r in results if r["method"] == name and r["closure"] == "identity"
+                    and (r["rows"], r["partitions"]) == c), 0) for c in cells]
+        ax.bar([k + i * width for k in range(len(cells))], ys, width, label=name)
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(cells))])
+    ax.set_xticklabels([f"{r // 1000:,}k rows\nP={p}" for r, p in cells], fontsize=8)
+    ax.set_ylabel("median seconds (identity)")
+    ax.set_yscale("log")
+    ax.set_title(f"workerbridge benchmark, local[2], {time.strftime('%Y-%m-%d')}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"written {path}")
 
 
 if __name__ == "__main__":

@@ -164,3 +164,45 @@ def test_gateway_refuses_wrong_secret():
         assert gw.rejected == 1
     finally:
         gw.stop()
+
+
+def test_second_connection_to_the_backend_is_refused(slow_python):
+    """Once the child has proved the secret the listener is closed: nobody else gets in."""
+    gw = Gateway(log_path=None)
+    try:
+        def slow(d):
+            import time
+            time.sleep(2)
+            return d
+        spec = TaskSpec(pack(slow), Runtime.collect(False), None, gw.address, WorkerOptions())
+        t, result = _run_worker_in_thread(spec)
+        port = _backend_port(gw)
+        end = time.monotonic() + 20
+        while not gw.lines(filter="is connected to backend") and time.monotonic() < end:
+            time.sleep(0.02)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5)
+        t.join(30)
+        assert "error" not in result, result.get("error")
+    finally:
+        gw.stop()
+
+
+def test_oversized_frame_before_auth_is_refused_unread(slow_python):
+    """A stranger announcing a 2 GiB AUTH frame is closed at once: nothing is read or
+    unpickled, and the real child still gets in."""
+    gw = Gateway(log_path=None)
+    try:
+        spec = TaskSpec(pack(lambda d: d), Runtime.collect(False), None, gw.address,
+                        WorkerOptions(python=slow_python))
+        t, result = _run_worker_in_thread(spec)
+        port = _backend_port(gw)
+        stranger = socket.create_connection(("127.0.0.1", port))
+        stranger.settimeout(5)
+        stranger.sendall(P.pack_header(P.AUTH, 2**31) + b"x" * 1000)
+        assert stranger.recv(100) == b""
+        stranger.close()
+        t.join(30)
+        assert "error" not in result, result.get("error")
+    finally:
+        gw.stop()

@@ -162,9 +162,14 @@ class Worker:
                                       name="workerbridge-input", daemon=True)
             writer.start()
             yield from self._read_result(warm.stream)
+            if opts.memory_limit:                 # one last sample: short tasks never wait
+                self.stats["peak_rss"] = max(self.stats.get("peak_rss", 0), tree_rss(self.child.pid))
             writer.join(5.0)
             warm.digest, warm.tasks = self.closure.digest, warm.tasks + 1
             self.log.write("Worker", f"{self.language} process completed")
+            if "peak_rss" in self.stats:
+                self.log.write("Worker", f"peak RSS of the {self.role} process tree "
+                                         f"{format_bytes(self.stats['peak_rss'])}")
             if opts.reuse and not writer.is_alive():
                 POOL.give(key, warm, opts.idle_timeout)
                 kept = True
