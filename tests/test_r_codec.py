@@ -812,7 +812,7 @@ def test_child_tasks_over_socket(child_server):
     assert r["error"]["call"] == "rec(n - 1)"
     r = peer.run_task("function(df) df", table, packages=["surelyNotAnRPackage"])
     assert r["error"]["kind"] == "package"
-    assert "surelyNotAnRPackage" in r["error"]["message"] and "library paths" in r["error"]["message"]
+    assert "surelyNotAnRPackage" in r["error"]["message"] and ".libPaths()" in r["error"]["message"]
 
     # codec errors: an unsupported input column; an unwritable result column
     bad = pa.table({"ok": [1], "lst": pa.array([[1, 2]], pa.list_(pa.int32()))})
