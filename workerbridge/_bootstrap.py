@@ -62,7 +62,7 @@ def load(root: str, digest: str) -> tuple:
     else:
         found = importlib.machinery.PathFinder.find_spec(PACKAGE)
         if found is not None and found.origin:
-            other = ("?", os.path.dirname(found.origin))
+            other = (_declared_version(found.origin), os.path.dirname(found.origin))
     for name in [n for n in sys.modules if n == PACKAGE or n.startswith(PACKAGE + ".")]:
         del sys.modules[name]
     spec = importlib.machinery.PathFinder.find_spec(PACKAGE, [root])
@@ -94,6 +94,18 @@ def make_task(files_blob: bytes, digest: str, version: str, spec_blob: bytes, ba
         yield from worker.run(batches)
 
     return workerbridge_task
+
+
+def _declared_version(init_file: str) -> str:
+    """``__version__`` as written in a package's ``__init__.py``, without importing it."""
+    try:
+        with open(init_file, encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("__version__"):
+                    return line.split("=", 1)[1].strip().strip("'\"")
+    except (OSError, IndexError):
+        pass
+    return "?"
 
 
 def _remove(path: str) -> None:

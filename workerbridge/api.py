@@ -331,7 +331,9 @@ def _gateway(spark) -> Gateway:
         configured = spark.conf.get(CONF_PREFIX + "log.path", None)
         if configured:
             return configured
-        local = (spark.conf.get("spark.local.dir", None) or tempfile.gettempdir()).split(",")[0]
+        # Spark Connect: spark.local.dir is the server's, not a path on this client host.
+        server = None if key.startswith("connect-") else spark.conf.get("spark.local.dir", None)
+        local = (server or tempfile.gettempdir()).split(",")[0]
         os.makedirs(local, exist_ok=True)
         return os.path.join(local, f"workerbridge-{key}.log")
 

@@ -163,9 +163,11 @@ class Gateway:
         drop_connection(self.address)        # this process's own Worker connection, if any
         with self._lock:
             conns = list(self._conns)
+        # shutdown() wakes the thread blocked in accept(), and ends each
+        # connection's reads; close() alone would leave the port answering once more.
         for conn in [self._server, *conns]:
             try:
-                conn.shutdown(socket.SHUT_RDWR) if conn is not self._server else None
+                conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
             try:
