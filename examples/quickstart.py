@@ -40,6 +40,12 @@ def main() -> None:
 
     print("\n== The last lines of the log, every role")
     print("\n".join(spark_log(spark, n=12)))
+
+    import tempfile
+    import workerbridge
+    where = workerbridge.timeline(spark, os.path.join(tempfile.gettempdir(),
+                                                      "workerbridge-quickstart-timeline.html"))
+    print(f"\n== The task timeline (one bar per task, split into phases) was written to {where}")
     spark.stop()
 
 

@@ -132,6 +132,9 @@ class Worker:
             label = f" for {self.spec.name!r}" if self.spec.name else ""
             self.log.write("Worker", f"partition {self.partition} compute starting{label}")
             yield from self._run(first, it)
+        except TaskError as e:
+            self.log.write("Worker", f"partition {self.partition} failed: {e.what}", "ERROR")
+            raise
         finally:
             self.log.flush()
 
