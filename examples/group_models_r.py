@@ -7,12 +7,11 @@ import os
 import shutil
 import sys
 
-os.environ.setdefault("PYSPARK_PYTHON", sys.executable)   # executors use this venv
-os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from pyspark.sql import SparkSession  # noqa: E402
+from local_spark import local_spark  # noqa: E402
 
 from workerbridge import R, spark_apply, spark_log  # noqa: E402
 
@@ -21,12 +20,7 @@ def main() -> None:
     if shutil.which("Rscript") is None:
         print("Rscript is not on PATH: install R (Debian: apt-get install r-base-core)")
         return
-    spark = (SparkSession.builder.master("local[2]").appName("workerbridge-group-models")
-             .config("spark.ui.enabled", "false")
-             .config("spark.driver.host", "127.0.0.1")
-             .config("spark.driver.bindAddress", "127.0.0.1")
-             .getOrCreate())
-    spark.sparkContext.setLogLevel("ERROR")
+    spark = local_spark("workerbridge-group-models")
     rng = np.random.default_rng(1)
     frames = [pd.DataFrame({"g": g, "x": np.arange(50.0)}) for g in ("a", "b", "c")]
     data = pd.concat(frames, ignore_index=True)

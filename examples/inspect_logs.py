@@ -9,10 +9,9 @@ import os
 import sys
 import tempfile
 
-os.environ.setdefault("PYSPARK_PYTHON", sys.executable)   # executors use this venv
-os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from pyspark.sql import SparkSession  # noqa: E402
+from local_spark import local_spark  # noqa: E402
 
 import workerbridge  # noqa: E402
 from workerbridge import spark_apply, spark_log  # noqa: E402
@@ -21,12 +20,7 @@ from workerbridge.logs import parse_line  # noqa: E402
 
 
 def main() -> None:
-    spark = (SparkSession.builder.master("local[2]").appName("workerbridge-inspect-logs")
-             .config("spark.ui.enabled", "false")
-             .config("spark.driver.host", "127.0.0.1")
-             .config("spark.driver.bindAddress", "127.0.0.1")
-             .getOrCreate())
-    spark.sparkContext.setLogLevel("ERROR")
+    spark = local_spark("workerbridge-inspect-logs")
     df = spark.range(0, 3000, numPartitions=3)
 
     def slow_sum(d):

@@ -13,10 +13,9 @@ import subprocess
 import sys
 import tempfile
 
-os.environ.setdefault("PYSPARK_PYTHON", sys.executable)   # executors use this venv
-os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from pyspark.sql import SparkSession  # noqa: E402
+from local_spark import local_spark  # noqa: E402
 
 from workerbridge import spark_apply  # noqa: E402
 
@@ -54,12 +53,7 @@ def main() -> None:
         python = make_venv(os.path.join(tmp, "venv"))
         if python is None:
             return
-        spark = (SparkSession.builder.master("local[2]").appName("workerbridge-isolated-venv")
-                 .config("spark.ui.enabled", "false")
-                 .config("spark.driver.host", "127.0.0.1")
-                 .config("spark.driver.bindAddress", "127.0.0.1")
-                 .getOrCreate())
-        spark.sparkContext.setLogLevel("ERROR")
+        spark = local_spark("workerbridge-isolated-venv")
         df = spark.range(0, 6, numPartitions=2)
 
         def where_am_i(d):

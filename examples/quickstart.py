@@ -7,23 +7,16 @@ import os
 import shutil
 import sys
 
-os.environ.setdefault("PYSPARK_PYTHON", sys.executable)   # executors use this venv
-os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from pyspark.sql import SparkSession  # noqa: E402
+from local_spark import local_spark  # noqa: E402
 
 from iris import iris  # noqa: E402
 from workerbridge import R, spark_apply, spark_log  # noqa: E402
 
 
 def main() -> None:
-    spark = (SparkSession.builder.master("local[2]").appName("workerbridge-quickstart")
-             .config("spark.ui.enabled", "false")
-             .config("spark.driver.host", "127.0.0.1")
-             .config("spark.driver.bindAddress", "127.0.0.1")
-             .getOrCreate())
-    spark.sparkContext.setLogLevel("ERROR")
+    spark = local_spark("workerbridge-quickstart")
     df = spark.createDataFrame(iris()).repartition(3)
 
     print("== Python closure: Petal_Width doubled, in a PyScript child per partition")

@@ -18,7 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from test_cluster import (DRIVER_PYTHON, PARTITIONS, assert_case, bare_venv, check_bare,
+from test_cluster import executor_python  # noqa: F401 - a fixture, shared
+from test_cluster import (DRIVER_PYTHON, PARTITIONS, assert_case,
                           clean_env, free_port, processes_under, run_client, spark_home,
                           stop_tree)
 
@@ -45,26 +46,7 @@ if not _connect_deps():
 
 
 @pytest.fixture(scope="module")
-def worker_python(tmp_path_factory) -> str:
-    override = os.environ.get("WORKERBRIDGE_TEST_EXECUTOR_PYTHON")
-    if override:
-        return override
-    root = tmp_path_factory.mktemp("connectbare")
-    python = bare_venv(root / "venv")
-    check_bare(python, root)
-    return python
-
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-@pytest.fixture(scope="module")
-def connect_server(tmp_path_factory, worker_python):
+def connect_server(tmp_path_factory, executor_python):
     root = tmp_path_factory.mktemp("connect")
     port = free_port()
     logs, pids = root / "logs", root / "pids"
@@ -74,7 +56,7 @@ def connect_server(tmp_path_factory, worker_python):
     # The server's Python workers: PYSPARK_PYTHON from its environment (it ignores
     # spark.pyspark.python).
     env = clean_env(SPARK_LOG_DIR=str(logs), SPARK_PID_DIR=str(pids), SPARK_IDENT_STRING=ident,
-                    PYSPARK_PYTHON=worker_python)
+                    PYSPARK_PYTHON=executor_python)
     sbin = Path(spark_home()) / "sbin"
     cmd = [str(sbin / "start-connect-server.sh"), "--master", "local[2]",
            "--conf", f"spark.connect.grpc.binding.port={port}",
@@ -144,11 +126,11 @@ def _check(res: dict, python: str, cases: list) -> None:
     assert res["returncode"] == 0
 
 
-def test_connect_server_both_languages(connect_server, worker_python, tmp_path):
+def test_connect_server_both_languages(connect_server, executor_python, tmp_path):
     res = run_client({"remote": connect_server["url"], "app": "workerbridge-connect-test",
                       "conf": {"spark.workerbridge.reuse": "false"}, "cases": ALL_CASES,
                       "extras": True, "log_filter": "workerbridge:"}, tmp_path / "client")
-    _check(res, worker_python, ALL_CASES)
+    _check(res, executor_python, ALL_CASES)
     _check_extras(res["extras"], connect_server["root"])
 
 
@@ -166,7 +148,7 @@ def _check_extras(ex: dict, server_root: Path) -> None:
     assert not ex["log_path"].startswith(str(server_root))
 
 
-def test_connect_local_remote(worker_python, tmp_path):
+def test_connect_local_remote(executor_python, tmp_path):
     """``SparkSession.builder.remote("local[2]")``: pyspark starts a Connect server in the
     client's own JVM."""
     cases = ["python inferred", "r schema"]
@@ -177,6 +159,6 @@ def test_connect_local_remote(worker_python, tmp_path):
                                "spark.ui.enabled": "false",
                                "spark.local.dir": str(tmp_path / "local")},
                       "cases": cases, "log_filter": "workerbridge:"},
-                     tmp_path / "client", env={"PYSPARK_PYTHON": worker_python})
-    _check(res, worker_python, cases)
+                     tmp_path / "client", env={"PYSPARK_PYTHON": executor_python})
+    _check(res, executor_python, cases)
     assert len(res["cases"]["r schema"]["retrieved_by_task"]) == PARTITIONS
