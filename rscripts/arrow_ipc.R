@@ -6,14 +6,25 @@
 # messages need.
 #
 # Public functions:
-#   arrow_read_stream(src, int64 = c("double", "character"), factors = FALSE)
+#   arrow_read_stream(src, int64 = c("double", "character"), factors = FALSE,
+#                     on_batch = NULL)
 #       src: a binary connection (read message by message; never reads past
 #       the end-of-stream marker), a raw vector, or a file path.
 #       Returns a base data.frame (check.names = FALSE, stringsAsFactors = FALSE).
+#       With on_batch = function(frame): each record batch is passed to it as
+#       a data.frame as soon as it is decoded, nothing is accumulated, and the
+#       result is invisible(list(names, nrows, nbatches)); an error of on_batch
+#       is re-raised unchanged once the rest of the stream has been consumed.
+#   arrow_skip_stream(src)
+#       Consumes a stream up to its end-of-stream marker without decoding it.
 #   arrow_write_stream(df, con = NULL, batch_rows = 65536L)
 #       Writes df as an Arrow IPC stream to the binary connection `con` (or
 #       hands the bytes, piece by piece, to `con` when it is a function), or
 #       returns the stream as a raw vector when con is NULL.
+#   arrow_stream_writer(con = NULL, batch_rows = 65536L)
+#       list(write(df_or_prepared), close()): one stream written frame by
+#       frame (schema with the first frame, end-of-stream marker on close;
+#       later frames must have the first frame's columns).
 #   arrow_prepare_frame(df)
 #       Checks and converts the columns of df for writing (raises an
 #       arrow_codec_error naming the column if one cannot be written); the
@@ -85,9 +96,34 @@
   if (!signed) hi <- hi + (hi < 0) * 4294967296
   list(hi = hi, lo = lo)
 }
+# Non-negative int64 values below 2^52 have the bit patterns of subnormal
+# doubles: x * 2^-1074.  Read as doubles and scaled back by 2^1074 (in two
+# exact steps), they need no integer arithmetic at all.  Used when every value
+# is in that range (and the FPU keeps subnormals: checked on a sentinel).
+.ai_subnormal_one <- as.raw(c(1, 0, 0, 0, 0, 0, 0, 0))
 .ai_i64_vec <- function(bytes, n, signed = TRUE) {
-  h <- .ai_i64_halves(bytes, n, signed)
-  h$hi * 4294967296 + h$lo
+  if (n == 0) return(numeric(0))
+  d <- readBin(bytes, "double", n = n, size = 8L, endian = "little")
+  # all subnormal or zero (2.225074e-308 is the smallest normal double)?
+  if (!anyNA(d) && min(d) >= 0 && max(d) < 2.2250738585072014e-308 &&
+      readBin(.ai_subnormal_one, "double", size = 8L) * 2^537 * 2^537 == 1 &&
+      # -0 (the pattern of -2^63) compares equal to 0: zeros need a zero sign byte
+      (min(d) > 0 || all(bytes[8 * which(d == 0)] == as.raw(0L))))
+    return(d * 2^537 * 2^537)
+  d <- NULL
+  v <- readBin(bytes, "integer", n = 2L * n, size = 4L, endian = "little")
+  if (anyNA(v)) {                    # a half is 0x80000000: the general path
+    h <- .ai_i64_halves(bytes, n, signed)
+    return(h$hi * 4294967296 + h$lo)
+  }
+  dim(v) <- c(2L, n)
+  lo <- v[1L, ]
+  hi <- v[2L, ]
+  # both halves made exact non-negative/signed doubles first, so that the sum
+  # is rounded once (correct rounding beyond 2^53)
+  lo <- lo + (lo < 0L) * 4294967296
+  if (!signed) hi <- hi + (hi < 0L) * 4294967296
+  hi * 4294967296 + lo
 }
 
 # |value| = q * d + r exactly, for d <= 1e9, from the 32-bit halves.
@@ -127,14 +163,19 @@
   out
 }
 
-# int64 bytes from doubles that hold integral values (|x| < 2^63)
+# int64 bytes from doubles that hold integral values (|x| < 2^63); NA as 0.
+# 0 <= x < 2^52 (the usual case): the bit patterns of the subnormal doubles
+# x * 2^-1074 (see .ai_i64_vec; "+ 0" turns -0 into +0).
 .ai_int64_bytes <- function(x) {
-  x[is.na(x)] <- 0
+  if (anyNA(x)) x[is.na(x)] <- 0
+  if (length(x) && min(x) >= 0 && max(x) < 4503599627370496 &&
+      readBin(.ai_subnormal_one, "double", size = 8L) * 2^537 * 2^537 == 1)
+    return(writeBin(x * 2^-537 * 2^-537 + 0, raw(), size = 8L, endian = "little"))
   hi <- floor(x / 4294967296)
   lo <- x - hi * 4294967296
-  lo <- ifelse(lo >= 2147483648, lo - 4294967296, lo)
+  lo <- lo - (lo >= 2147483648) * 4294967296
   .ai_int32_pattern <- function(v) {
-    out <- rep(NA_integer_, length(v))
+    out <- rep(NA_integer_, length(v))          # NA_integer_ is the pattern of -2^31
     ok <- v != -2147483648
     out[ok] <- as.integer(v[ok])
     out
@@ -571,7 +612,9 @@
 .ai_decode_valid <- function(bits, n, null_count) {
   if (is.null(bits) || null_count == 0 || n == 0) return(NULL)
   if (length(bits) * 8 < n) stop("validity bitmap too short")
-  as.logical(rawToBits(bits)[seq_len(n)])
+  v <- as.logical(rawToBits(bits))
+  if (length(v) > n) length(v) <- n
+  v
 }
 
 .ai_empty_base <- function(f, opts) {
@@ -619,15 +662,19 @@
     Int = {
       vb <- need(bufs[[2L]], n * t$bitWidth / 8, "values")
       if (t$bitWidth == 64L) {
-        h <- .ai_i64_halves(vb, n, t$signed)
         if (opts$int64 == "character") {
-          x <- .ai_i64_to_character(h, t$signed)
+          x <- .ai_i64_to_character(.ai_i64_halves(vb, n, t$signed), t$signed)
         } else {
-          x <- h$hi * 4294967296 + h$lo
-          # exact test on the halves (x itself is already rounded): v > 2^53 or v < -2^53
-          big <- h$hi > 2097152 | (h$hi == 2097152 & h$lo > 0) | h$hi < -2097152
-          if (!is.null(valid)) big <- big & valid
-          if (any(big)) state$warn[[name]] <- TRUE
+          x <- .ai_i64_vec(vb, n, t$signed)
+          # |x| >= 2^53 holds every value beyond 2^53 (x is rounded); the exact
+          # test on the halves, only for those: v > 2^53 or v < -2^53
+          cand <- which(abs(x) >= 9007199254740992)
+          if (!is.null(valid)) cand <- cand[valid[cand]]
+          if (length(cand)) {
+            h <- .ai_i64_halves(vb[rep(8 * (cand - 1), each = 8L) + 1:8], length(cand), t$signed)
+            if (any(h$hi > 2097152 | (h$hi == 2097152 & h$lo > 0) | h$hi < -2097152))
+              state$warn[[name]] <- TRUE
+          }
         }
         setna(x)
       } else {
@@ -669,13 +716,12 @@
     },
     Timestamp = {
       vb <- need(bufs[[2L]], n * 8, "values")
-      h <- .ai_i64_halves(vb, n, TRUE)
       x <- switch(t$unit + 1L,
-                  h$hi * 4294967296 + h$lo,
-                  (h$hi * 4294967296 + h$lo) / 1e3,
-                  (h$hi * 4294967296 + h$lo) / 1e6,
+                  .ai_i64_vec(vb, n),
+                  .ai_i64_vec(vb, n) / 1e3,
+                  .ai_i64_vec(vb, n) / 1e6,
                   {
-                    dm <- .ai_i64_divmod(h, 1e9, TRUE)
+                    dm <- .ai_i64_divmod(.ai_i64_halves(vb, n, TRUE), 1e9, TRUE)
                     s <- dm$q + dm$r / 1e9
                     ifelse(dm$neg, -s, s)
                   })
@@ -708,7 +754,7 @@
   if (length(ob) < (n + 1) * size)
     .ai_col_error(name, sprintf("offsets buffer holds %d bytes, %.0f needed", length(ob), (n + 1) * size))
   if (large) .ai_i64_vec(ob, n + 1L)
-  else as.numeric(readBin(ob, "integer", n = n + 1L, size = 4L, endian = "little"))
+  else readBin(ob, "integer", n = n + 1L, size = 4L, endian = "little")    # integer
 }
 
 .ai_max_chunk <- 1073741824   # bytes per rawToChar call
@@ -731,7 +777,29 @@
     return(out)
   }
   out <- character(n)
-  if (total > 0) {
+  if (total > 0 && isTRUE(l10n_info()[["UTF-8"]])) {
+    # readChar makes the n strings straight from the bytes (native encoding,
+    # which is UTF-8 here); non-ASCII ones are then checked and marked UTF-8
+    # (readChar reads from the start of a raw vector whose size fits an int)
+    region <- if (offs[1L] == 0 && length(data) <= 2147483647) data
+              else data[(offs[1L] + 1):offs[n + 1L]]
+    lens <- offs[2:(n + 1L)] - offs[1:n]
+    if (!is.integer(lens)) lens <- as.integer(lens)
+    out <- tryCatch(readChar(region, lens, useBytes = TRUE), error = function(e)
+      .ai_col_error(name, "a string holds a NUL byte, which R strings cannot hold"))
+    # chars < bytes exactly for non-ASCII UTF-8 (NA for invalid strings): the
+    # sums are equal only when all are ASCII
+    nc <- nchar(out, type = "chars", allowNA = TRUE)
+    total_nc <- sum(nc)                 # no overflow: total < 2^31 here
+    rows <- if (!is.na(total_nc) && total_nc == total) integer(0)
+            else which(is.na(nc) | nc != lens)
+    if (length(rows)) {
+      bad <- rows[!validUTF8(out[rows])]
+      if (length(bad))
+        .ai_col_error(name, sprintf("row %d holds invalid UTF-8", bad[1L]))
+      Encoding(out[rows]) <- "UTF-8"
+    }
+  } else if (total > 0) {
     region <- if (offs[1L] == 0 && offs[n + 1L] == length(data)) data
               else data[(offs[1L] + 1):offs[n + 1L]]
     big <- tryCatch(rawToChar(region), error = function(e)
@@ -815,18 +883,59 @@
 # ---------------------------------------------------------------------------
 # The reader
 
-arrow_read_stream <- function(src, int64 = c("double", "character"), factors = FALSE) {
+# A decoded column as R gives it to the user: Date/POSIXct classes, factors
+# (for dictionary columns with factors = TRUE); warns (once per column and
+# stream) when int64 values beyond 2^53 lost precision.
+.ai_finish_column <- function(x, f, lev, opts, state) {
+  kind <- f$type$kind
+  if (!is.null(f$dict) && opts$factors && is.character(x)) {
+    x <- factor(x, levels = if (is.null(lev)) character(0) else lev,
+                ordered = isTRUE(f$dict$ordered))
+  } else if (kind == "Date") {
+    class(x) <- "Date"
+  } else if (kind == "Timestamp") {
+    tz <- f$type$tz
+    if (is.na(tz) || !nzchar(tz)) tz <- "UTC"
+    x <- structure(x, class = c("POSIXct", "POSIXt"), tzone = tz)
+  }
+  if (isTRUE(state$warn[[f$name]]) && !isTRUE(state$warned[[f$name]])) {
+    state$warned[[f$name]] <- TRUE
+    warning(sprintf(paste0("column '%s': %s values beyond 2^53 lost precision when converted ",
+                           "to double (use int64 = \"character\" for exact values)"),
+                    f$name, f$type$name), call. = FALSE)
+  }
+  x
+}
+
+# The data.frame of finished columns `cols` (one per field) with nrows rows.
+.ai_frame <- function(fields, cols, nrows, levels, opts, state) {
+  for (j in seq_along(fields))
+    cols[[j]] <- .ai_finish_column(cols[[j]], fields[[j]], levels[[j]], opts, state)
+  names(cols) <- vapply(fields, function(f) f$name, "")
+  structure(cols, class = "data.frame", row.names = .set_row_names(as.integer(nrows)))
+}
+
+# on_batch: NULL, or a function(frame) called with each record batch as a
+# data.frame, in which case nothing is accumulated and the reader returns
+# invisible(list(names, nrows, nbatches)).  An error raised by on_batch is
+# re-raised as it is, after the rest of the stream has been consumed.
+arrow_read_stream <- function(src, int64 = c("double", "character"), factors = FALSE,
+                              on_batch = NULL) {
   int64 <- match.arg(int64)
   opts <- list(int64 = int64, factors = isTRUE(factors))
+  streaming <- is.function(on_batch)
   s <- .ai_source(src)
   if (s$close) on.exit(close(s$con))
   state <- new.env(parent = emptyenv())
   state$dicts <- list()
   state$warn <- list()
+  state$warned <- list()
   pending <- NULL           # first codec error; the stream is drained before raising it
+  user_error <- NULL        # an error of on_batch; likewise raised after draining
   fields <- NULL
   parts <- NULL
   nrows <- 0
+  nbatches <- 0L
   levels <- NULL
 
   msg <- .ai_read_message(s)
@@ -855,12 +964,17 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
   repeat {
     msg <- .ai_read_message(s)
     if (is.null(msg) || isTRUE(msg$eos)) break
-    if (!is.null(pending)) next
+    if (!is.null(pending) || !is.null(user_error)) next
+    b <- NULL
     pending <- tryCatch({
       if (msg$header_type == 3L) {
         b <- .ai_decode_batch(msg$header, msg, fields, opts, state)
         nrows <- nrows + b$length
-        for (j in seq_along(fields)) parts[[j]][[length(parts[[j]]) + 1L]] <- b$cols[[j]]
+        nbatches <- nbatches + 1L
+        if (!streaming) {
+          for (j in seq_along(fields)) parts[[j]][[length(parts[[j]]) + 1L]] <- b$cols[[j]]
+          b <- NULL
+        }
       } else if (msg$header_type == 2L) {
         db <- msg$header
         id <- .fb_scalar(db, 0L, .ai_i64, 0)
@@ -872,8 +986,8 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
         vf <- list(name = f$name, type = f$type, dict = NULL)
         data <- .fb_subtable(db, 1L)
         if (is.null(data)) stop(.ai_codec_error("dictionary batch without data"))
-        b <- .ai_decode_batch(data, msg, list(vf), opts, state, "dictionary batch")
-        vals <- b$cols[[1L]]
+        db <- .ai_decode_batch(data, msg, list(vf), opts, state, "dictionary batch")
+        vals <- db$cols[[1L]]
         key <- as.character(id)
         if (delta && !is.null(state$dicts[[key]])) vals <- c(state$dicts[[key]], vals)
         state$dicts[[key]] <- vals
@@ -888,35 +1002,42 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
          if (inherits(e, "arrow_stream_error")) stop(e)
          .ai_codec_error(paste0("could not decode an Arrow message: ", conditionMessage(e)))
        })
+    if (is.null(b) || !is.null(pending)) next
+    msg <- NULL                                   # let the body's buffers go
+    frame <- .ai_frame(fields, b$cols, b$length, levels, opts, state)
+    b <- NULL
+    user_error <- tryCatch({ on_batch(frame); NULL }, error = function(e) e)
+    frame <- NULL
   }
   if (!is.null(pending)) stop(pending)
+  if (!is.null(user_error)) stop(user_error)
 
+  if (streaming)
+    return(invisible(list(names = vapply(fields, function(f) f$name, ""), nrows = nrows,
+                          nbatches = nbatches)))
   cols <- vector("list", length(fields))
   for (j in seq_along(fields)) {
-    f <- fields[[j]]
     p <- parts[[j]]
-    x <- if (length(p) == 0L) .ai_empty_base(f, opts)
-         else if (length(p) == 1L) p[[1L]]
-         else do.call(c, unname(p))
-    kind <- f$type$kind
-    if (!is.null(f$dict) && opts$factors && is.character(x)) {
-      x <- factor(x, levels = if (is.null(levels[[j]])) character(0) else levels[[j]],
-                  ordered = isTRUE(f$dict$ordered))
-    } else if (kind == "Date") {
-      class(x) <- "Date"
-    } else if (kind == "Timestamp") {
-      tz <- f$type$tz
-      if (is.na(tz) || !nzchar(tz)) tz <- "UTC"
-      x <- structure(x, class = c("POSIXct", "POSIXt"), tzone = tz)
-    }
-    cols[[j]] <- x
-    if (isTRUE(state$warn[[f$name]]))
-      warning(sprintf(paste0("column '%s': %s values beyond 2^53 lost precision when converted ",
-                             "to double (use int64 = \"character\" for exact values)"),
-                      f$name, f$type$name), call. = FALSE)
+    parts[j] <- list(NULL)
+    cols[[j]] <- if (length(p) == 0L) .ai_empty_base(fields[[j]], opts)
+                 else if (length(p) == 1L) p[[1L]]
+                 else do.call(c, unname(p))
   }
-  names(cols) <- vapply(fields, function(f) f$name, "")
-  structure(cols, class = "data.frame", row.names = .set_row_names(as.integer(nrows)))
+  .ai_frame(fields, cols, nrows, levels, opts, state)
+}
+
+# Consume an Arrow stream up to and including its end-of-stream marker without
+# decoding it (so that a socket stays in step).  Returns the number of messages.
+arrow_skip_stream <- function(src) {
+  s <- .ai_source(src)
+  if (s$close) on.exit(close(s$con))
+  k <- 0L
+  repeat {
+    msg <- .ai_read_message(s)
+    if (is.null(msg) || isTRUE(msg$eos)) break
+    k <- k + 1L
+  }
+  invisible(k)
 }
 
 # ---------------------------------------------------------------------------
@@ -994,7 +1115,16 @@ arrow_prepare_frame <- function(df) {
 
 # The UTF-8 bytes of x (no NA), concatenated.  writeBin is twice as fast as
 # paste, but writes strings in the native encoding: use it only when that is UTF-8.
-.ai_concat_strings <- function(x) {
+# The bytes of the strings x (UTF-8, no NA; lens = their byte counts) back to
+# back.  All ASCII (as many characters as bytes): writeChar, one allocation.
+# (Not otherwise: in a UTF-8 locale writeChar counts nchars in characters when
+# it sizes a raw result, and overruns it for multibyte strings.)  Else writeBin
+# with the terminators dropped -- twice as fast as paste, but it writes strings
+# in the native encoding: only when that is UTF-8.
+.ai_concat_strings <- function(x, lens = nchar(x, type = "bytes")) {
+  nc <- tryCatch(sum(nchar(x, type = "chars", allowNA = TRUE)), error = function(e) NA)
+  if (!is.na(nc) && nc == sum(as.numeric(lens)))
+    return(writeChar(x, raw(), nchars = lens, eos = NULL, useBytes = TRUE))
   if (isTRUE(l10n_info()[["UTF-8"]])) {
     r <- writeBin(x, raw())
     r[r != as.raw(0L)]
@@ -1067,29 +1197,30 @@ arrow_prepare_frame <- function(df) {
   }
   for (col in prep$cols) {
     x <- if (is.null(rows)) col$x else col$x[rows]
-    na <- if (col$kind == "float64") is.na(x) & !is.nan(x)
-          else if (col$kind == "binary") (if (is.null(rows)) col$isnull else col$isnull[rows])
+    # na: the null slots, or NULL when there are none (NaN is a value, not a null)
+    na <- if (col$kind == "binary") (if (is.null(rows)) col$isnull else col$isnull[rows])
+          else if (!anyNA(x)) NULL
+          else if (col$kind == "float64") is.na(x) & !is.nan(x)
           else is.na(x)
-    nc <- sum(na)
+    nc <- if (is.null(na)) 0 else sum(na)
     nlen[length(nlen) + 1L] <- n
     nnull[length(nnull) + 1L] <- nc
     add(if (nc > 0) .ai_bitmap(!na) else raw(0))
     switch(col$kind,
-      bool = { x[na] <- FALSE; add(.ai_bitmap(x)) },
+      bool = { if (nc) x[na] <- FALSE; add(.ai_bitmap(x)) },
       int32 = add(writeBin(x, raw(), size = 4L, endian = "little")),
       int64 = add(.ai_int64_bytes(x)),
       float64 = add(writeBin(x, raw(), size = 8L, endian = "little")),
-      date32 = { x[na] <- 0; add(writeBin(as.integer(x), raw(), size = 4L, endian = "little")) },
+      date32 = { if (nc) x[na] <- 0; add(writeBin(as.integer(x), raw(), size = 4L, endian = "little")) },
       timestamp = add(.ai_int64_bytes(round(x * 1e6))),
       utf8 = {
-        x[na] <- ""
+        if (nc) x[na] <- ""
         lens <- nchar(x, type = "bytes")
-        ends <- cumsum(as.numeric(lens))
-        total <- if (n) ends[n] else 0
-        if (total > 2147483647)
+        total <- suppressWarnings(sum(lens))           # NA beyond the integer range
+        if (is.na(total))
           .ai_col_error(col$name, "more than 2 GiB of string data in one batch; use fewer batch_rows")
-        add(writeBin(c(0L, as.integer(ends)), raw(), size = 4L, endian = "little"))
-        add(if (total > 0) .ai_concat_strings(x) else raw(0))
+        add(writeBin(c(0L, cumsum(lens)), raw(), size = 4L, endian = "little"))
+        add(if (total > 0) .ai_concat_strings(x, lens) else raw(0))
       },
       binary = {
         lens <- lengths(x)
@@ -1111,30 +1242,118 @@ arrow_prepare_frame <- function(df) {
   list(meta = .ai_message(3L, rb, pos), body = pieces)
 }
 
-arrow_write_stream <- function(df, con = NULL, batch_rows = 65536L) {
-  prep <- arrow_prepare_frame(df)
-  out <- list()
-  emit <- if (is.null(con)) function(bytes) out[[length(out) + 1L]] <<- bytes
-          else if (is.function(con)) con
-          else function(bytes) writeBin(bytes, con)
-  emit(.ai_schema_message(prep))
+# Where the writer's bytes go: a connection, a function(bytes), or (con = NULL)
+# a list collected into one raw vector by result().
+.ai_emitter <- function(con) {
+  if (is.null(con)) {
+    acc <- new.env(parent = emptyenv())
+    acc$out <- list()
+    return(list(emit = function(bytes) acc$out[[length(acc$out) + 1L]] <- bytes,
+                finish = function() { r <- do.call(c, acc$out); acc$out <- list(); r }))
+  }
+  if (is.function(con)) return(list(emit = con, finish = function() invisible(NULL)))
+  list(emit = function(bytes) writeBin(bytes, con),
+       finish = function() { flush(con); invisible(NULL) })
+}
+
+.ai_kind_names <- c(bool = "logical", int32 = "integer", float64 = "double", utf8 = "character",
+                    date32 = "Date", timestamp = "POSIXct", binary = "list of raw vectors",
+                    int64 = "int64")
+
+# A prepared frame brought to the columns of the stream's first frame: same
+# names in the same order and the same kinds; a column that is all NA may take
+# any kind, and integer may become double.  Else an arrow_codec_error naming
+# the column.
+.ai_conform_prepared <- function(prep, schema) {
+  have <- vapply(prep$cols, function(col) col$name, "")
+  want <- vapply(schema, function(col) col$name, "")
+  if (!identical(have, want)) {
+    k <- seq_len(max(length(have), length(want)))
+    bad <- k[is.na(have[k]) | is.na(want[k]) | have[k] != want[k]][1L]
+    name <- if (is.na(have[bad])) want[bad] else have[bad]
+    .ai_col_error(name, sprintf(paste0("a later batch has the columns (%s), the stream's first ",
+                                       "batch had (%s)"),
+                                paste(have, collapse = ", "), paste(want, collapse = ", ")))
+  }
+  for (j in seq_along(schema)) {
+    col <- prep$cols[[j]]
+    kind <- schema[[j]]$kind
+    if (col$kind == kind) next
+    n <- prep$nrow
+    allna <- if (col$kind == "binary") all(col$isnull) else all(is.na(col$x))
+    if (allna) {
+      col$x <- switch(kind, bool = rep(NA, n), int32 = rep(NA_integer_, n),
+                      utf8 = rep(NA_character_, n), binary = vector("list", n), rep(NA_real_, n))
+      if (kind == "binary") col$isnull <- rep(TRUE, n)
+    } else if (col$kind == "int32" && kind %in% c("float64", "int64")) {
+      col$x <- as.double(col$x)
+    } else {
+      .ai_col_error(col$name, sprintf("a later batch gives it type %s; the stream's first batch gave %s",
+                                      .ai_kind_names[[col$kind]], .ai_kind_names[[kind]]))
+    }
+    col$kind <- kind
+    col$tz <- schema[[j]]$tz
+    prep$cols[[j]] <- col
+  }
+  prep
+}
+
+# The record batch messages of a prepared frame, batch_rows rows at a time.
+.ai_emit_batches <- function(prep, emit, batch_rows) {
   nrow <- prep$nrow
   batch_rows <- max(1L, as.integer(batch_rows))
   if (nrow <= batch_rows) {
-    m <- .ai_batch_message(prep, NULL, nrow)
-    emit(m$meta)
-    for (p in m$body) emit(p)
+    .ai_emit_message(.ai_batch_message(prep, NULL, nrow), emit)
   } else {
-    starts <- seq(1, nrow, by = batch_rows)
-    for (a in starts) {
+    for (a in seq(1, nrow, by = batch_rows)) {
       z <- min(nrow, a + batch_rows - 1)
-      m <- .ai_batch_message(prep, a:z, z - a + 1)
-      emit(m$meta)
-      for (p in m$body) emit(p)
+      .ai_emit_message(.ai_batch_message(prep, a:z, z - a + 1), emit)
     }
   }
-  emit(as.raw(c(0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0)))
-  if (is.null(con)) return(do.call(c, out))
-  if (!is.function(con)) flush(con)
-  invisible(NULL)
+}
+
+.ai_emit_message <- function(m, emit) {
+  emit(m$meta)
+  for (p in m$body) emit(p)
+}
+
+.ai_eos <- as.raw(c(0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0))
+
+# A streaming writer: list(write(df_or_prepared), close()).  The first write
+# sends the schema (from that frame's columns), every write its rows as record
+# batches (a later frame must have the same columns; see .ai_conform_prepared);
+# close() sends the end-of-stream marker (and, when nothing was written, a
+# schema without columns first), and returns the stream as a raw vector when
+# con is NULL.  con: as for arrow_write_stream.
+arrow_stream_writer <- function(con = NULL, batch_rows = 65536L) {
+  out <- .ai_emitter(con)
+  st <- new.env(parent = emptyenv())
+  st$schema <- NULL
+  st$closed <- FALSE
+  write <- function(df) {
+    if (st$closed) stop("arrow_stream_writer: write after close")
+    prep <- arrow_prepare_frame(df)
+    if (is.null(st$schema)) {
+      out$emit(.ai_schema_message(prep))
+      st$schema <- lapply(prep$cols, function(col) list(name = col$name, kind = col$kind, tz = col$tz))
+    } else {
+      prep <- .ai_conform_prepared(prep, st$schema)
+    }
+    .ai_emit_batches(prep, out$emit, batch_rows)
+    invisible(prep$nrow)
+  }
+  close <- function() {
+    if (st$closed) return(invisible(NULL))
+    st$closed <- TRUE
+    if (is.null(st$schema)) out$emit(.ai_schema_message(list(cols = list(), nrow = 0L)))
+    out$emit(.ai_eos)
+    out$finish()
+  }
+  list(write = write, close = close, started = function() !is.null(st$schema))
+}
+
+arrow_write_stream <- function(df, con = NULL, batch_rows = 65536L) {
+  w <- arrow_stream_writer(con, batch_rows)
+  w$write(df)
+  w$close()
 }

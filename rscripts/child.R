@@ -8,6 +8,7 @@
 # and then serves tasks until BYE or EOF:
 #   TASK -> CLOSURE -> INPUT + Arrow stream  ==>  LOG* -> OUTPUT + Arrow stream -> DONE
 #                                               or LOG* -> ERROR
+#                (batch mode, a late error:     OUTPUT + stream -> LOG* -> ERROR)
 # Exit status: 0 after BYE or EOF while waiting for a TASK; 1 on a protocol
 # error (message on stderr); 2 when it cannot start (no port, no secret, ...).
 #
@@ -16,7 +17,11 @@
 # level or in options), options: int64 ("double"|"character"), factors,
 # batch_rows, group_by (the closure runs per group; missing key columns are put
 # in front of each group's result, empty results dropped), tag_units (adds
-# int64 columns __wb_partition and __wb_unit), partition_index_param.
+# int64 columns __wb_partition and __wb_unit), partition_index_param,
+# batch_mode ("batch": the closure runs per input record batch and each result
+# is streamed back while the input still arrives; LOG frames wait until the
+# output stream has ended; an error after the first result batch ends the
+# stream and then travels as ERROR).
 # ERROR kinds: closure, package, codec (with "column"), result.
 
 local({
@@ -72,9 +77,8 @@ local({
   # Frames go through a write buffer that is flushed at the points below, so
   # that a task's small frames leave in one write (see wb_buffered_writer).
   out <- wb_buffered_writer(con)
-  log_msg <- function(message, level = "INFO", role = "RScript") {
-    wb_send_json(out$write, "LOG", list(level = level, role = role, message = message))
-  }
+  logs <- wb_log_channel(out$write)
+  log_msg <- logs$log
 
   # -- handshake -------------------------------------------------------------
   tryCatch({
@@ -104,7 +108,7 @@ local({
     if (fr$name == "BYE") break
     if (fr$name != "TASK") die(sprintf("expected TASK or BYE, got %s", fr$name))
     tryCatch({
-      wb_run_task(con, out, wb_decode_json_payload(fr$payload), log_msg, cache)
+      wb_run_task(con, out, wb_decode_json_payload(fr$payload), logs, cache)
       out$flush()
     }, error = function(e) {
       try(out$flush(), silent = TRUE)
@@ -113,6 +117,28 @@ local({
   }
   try(close(con), silent = TRUE)
   quit(save = "no", status = 0L)
+}
+
+# LOG frames, which can be held back: while an Arrow stream is being written
+# (batch mode, where the closure runs between its batches) log lines wait and
+# follow the stream.  Returns list(log(message, level, role), hold(), release()).
+.wb$wb_log_channel <- function(write) {
+  st <- new.env(parent = emptyenv())
+  st$held <- NULL
+  send <- function(rec) wb_send_json(write, "LOG", rec)
+  log <- function(message, level = "INFO", role = "RScript") {
+    rec <- list(level = level, role = role, message = message)
+    if (is.null(st$held)) send(rec) else st$held[[length(st$held) + 1L]] <- rec
+    invisible(NULL)
+  }
+  hold <- function() if (is.null(st$held)) st$held <- list()
+  release <- function() {
+    held <- st$held
+    st$held <- NULL
+    for (rec in held) send(rec)
+    invisible(NULL)
+  }
+  list(log = log, hold = hold, release = release)
 }
 
 # The error payload for a condition `e` of the given kind.
@@ -267,8 +293,11 @@ local({
 # One task: TASK payload already read.  Frames are written to out$write (a
 # buffer; the caller flushes it after the task).  Errors raised here are
 # protocol/I-O failures (fatal); errors of the closure, packages and codec are
-# reported with ERROR and return normally.
-.wb$wb_run_task <- function(con, out, task, log_msg, cache = new.env(parent = emptyenv())) {
+# reported with ERROR and return normally.  logs: a wb_log_channel (or a plain
+# function(message, level, role) writing LOG frames).
+.wb$wb_run_task <- function(con, out, task, logs, cache = new.env(parent = emptyenv())) {
+  if (is.function(logs)) logs <- list(log = logs, hold = function() NULL, release = function() NULL)
+  log_msg <- logs$log
   opts <- task$options
   if (!is.list(opts)) opts <- list()
   int64 <- if (identical(opts$int64, "character")) "character" else "double"
@@ -298,7 +327,7 @@ local({
     }, error = function(e) e)
     if (!isTRUE(ok)) {
       failure <- wb_error_payload("package", ok)
-      failure$message <- sprintf("cannot load R package '%s' on this node (.libPaths(): %s): %s", p,
+      failure$message <- sprintf("cannot load R package '%s' on this node (its library paths, .libPaths(): %s): %s", p,
                                  paste(.libPaths(), collapse = ", "), conditionMessage(ok))
       failure$package <- p
     }
@@ -351,31 +380,39 @@ local({
 
   # the input is always read to its end, so that the socket stays in step
   wb_expect(con, "INPUT")
-  # decoding warnings (int64 beyond 2^53) become WARN lines in the driver's log
-  df <- tryCatch(withCallingHandlers(
-                   wb_nojit(arrow_read_stream(con, int64 = int64, factors = factors)),
-                   warning = function(w) {
-                     log_msg(conditionMessage(w), level = "WARN")
-                     invokeRestart("muffleWarning")
-                   }),
-                 arrow_codec_error = function(e) e)
-  if (inherits(df, "arrow_codec_error")) {
-    if (is.null(failure)) {
-      failure <- wb_error_payload("codec", df, column = df$column)
-      failure$message <- paste0("could not decode the input: ", conditionMessage(df))
-    }
-    df <- NULL
-  }
   if (!is.null(failure)) {
+    wb_nojit(arrow_skip_stream(con))
     send_error(failure)
     return(invisible(FALSE))
   }
-  rows_in <- .row_names_info(df, 2L)
-  log_msg(sprintf("retrieved %d rows", rows_in))
-  log_msg(sprintf("retrieved %d column names", length(df)))
-  # A large input means a closure that likely runs long: let the logs out now.
-  # (Small tasks keep everything in one write at the end: no Nagle stall.)
-  if (rows_in * max(1L, length(df)) >= 100000) out$flush()
+  # decoding warnings (int64 beyond 2^53) become WARN lines in the driver's log
+  decode_warning <- function(w) {
+    log_msg(conditionMessage(w), level = "WARN")
+    invokeRestart("muffleWarning")
+  }
+  codec_failure <- function(e) {
+    p <- wb_error_payload("codec", e, column = e$column)
+    p$message <- paste0("could not decode the input: ", conditionMessage(e))
+    p
+  }
+  batch_mode <- identical(opts$batch_mode, "batch") && !length(group_by)
+  df <- NULL
+  if (!batch_mode) {
+    df <- tryCatch(withCallingHandlers(
+                     wb_nojit(arrow_read_stream(con, int64 = int64, factors = factors)),
+                     warning = decode_warning),
+                   arrow_codec_error = function(e) e)
+    if (inherits(df, "arrow_codec_error")) {
+      send_error(codec_failure(df))
+      return(invisible(FALSE))
+    }
+    rows_in <- .row_names_info(df, 2L)
+    log_msg(sprintf("retrieved %d rows", rows_in))
+    log_msg(sprintf("retrieved %d column names", length(df)))
+    # A large input means a closure that likely runs long: let the logs out now.
+    # (Small tasks keep everything in one write at the end: no Nagle stall.)
+    if (rows_in * max(1L, length(df)) >= 100000) out$flush()
+  }
 
   # call the closure: f(df), or f(df, context) when it takes two or more
   # arguments or `...`; the partition index as `index_param` and the barrier
@@ -392,9 +429,118 @@ local({
   call <- as.call(c(list(quote(f), quote(df)), if (two) list(quote(context)),
                     lapply(names(extra), function(nm) call("[[", quote(extra), nm))))
   if (length(extra)) names(call) <- c("", "", if (two) "", names(extra))
-  units <- if (length(group_by)) wb_split_groups(df, group_by) else list(NULL)
   tb_calls <- NULL
   base <- sys.nframe()
+  # the closure's warnings become WARN lines; on an error keep only the calls
+  # (cheap: errors the closure catches itself pass through this handler too)
+  # and deparse them once the error escapes
+  closure_warning <- function(w) {
+    closure_log(conditionMessage(w), "WARN")
+    invokeRestart("muffleWarning")
+  }
+  closure_error <- function(e) tb_calls <<- sys.calls()
+  closure_failure <- function(e)
+    wb_error_payload("closure", e, traceback = wb_traceback(tb_calls, base))
+  result_failure <- function(e) {
+    kind <- if (inherits(e, "arrow_codec_error")) "codec" else "result"
+    p <- wb_error_payload(kind, e, column = e$column)
+    p$message <- paste0("could not encode the result: ", conditionMessage(e))
+    p
+  }
+  mark_int64 <- function(res) {
+    if (isTRUE(opts$tag_units))
+      for (k in intersect(c("__wb_partition", "__wb_unit"), names(res)))
+        class(res[[k]]) <- "wb_int64"      # written as int64
+    res
+  }
+
+  if (batch_mode) {
+    # ---- batch mode: the closure per Arrow record batch, each result streamed
+    # back at once; memory bounded by a batch.  Log lines wait while the
+    # output stream is open (they would land inside it).
+    jit <- compiler::enableJIT(-1L)
+    st <- new.env(parent = emptyenv())
+    st$rows_in <- 0
+    st$rows_out <- 0
+    st$batches <- 0L
+    st$failure <- NULL
+    st$output <- FALSE          # OUTPUT frame sent (with the stream's first bytes)
+    st$first_empty <- NULL      # an empty first result, written only if nothing else is
+    stop_batches <- structure(class = c("wb_batch_failed", "error", "condition"),
+                              list(message = "batch failed", call = NULL))
+    writer <- arrow_stream_writer(function(bytes) {
+      if (!st$output) {
+        wb_send_frame(out$write, "OUTPUT")
+        st$output <- TRUE
+      }
+      out$write(bytes)
+    }, batch_rows = batch_rows)
+    on_batch <- function(df) {
+      st$batches <- st$batches + 1L
+      st$rows_in <- st$rows_in + .row_names_info(df, 2L)
+      old <- compiler::enableJIT(jit)        # the closure runs under the session's JIT
+      res <- tryCatch(withCallingHandlers(eval(call), warning = closure_warning,
+                                          error = closure_error),
+                      error = function(e) e)
+      compiler::enableJIT(old)
+      df <- NULL
+      if (inherits(res, "error")) {
+        st$failure <- closure_failure(res)
+        stop(stop_batches)
+      }
+      prep <- tryCatch(arrow_prepare_frame(mark_int64(wb_tag(wb_as_frame(res), task, opts, 0L))),
+                       error = function(e) e)
+      res <- NULL
+      if (inherits(prep, "error")) {
+        st$failure <- result_failure(prep)
+        stop(stop_batches)
+      }
+      if (prep$nrow == 0L) {
+        if (is.null(st$first_empty) && !writer$started()) st$first_empty <- prep
+        return(invisible(NULL))
+      }
+      err <- tryCatch({ writer$write(prep); NULL }, arrow_codec_error = function(e) e)
+      if (!is.null(err)) {
+        st$failure <- result_failure(err)
+        stop(stop_batches)
+      }
+      st$rows_out <- st$rows_out + prep$nrow
+      # results leave in writes of ~256 KB (or once a second): a bounded
+      # buffer, without a send per small batch
+      if (out$pending() >= 262144 || out$since_flush() > 1) out$flush()
+      invisible(NULL)
+    }
+    logs$hold()
+    got <- tryCatch(withCallingHandlers(
+                      wb_nojit(arrow_read_stream(con, int64 = int64, factors = factors,
+                                                 on_batch = on_batch)),
+                      warning = decode_warning),
+                    wb_batch_failed = function(e) e,
+                    arrow_codec_error = function(e) e)
+    if (inherits(got, "arrow_codec_error")) st$failure <- codec_failure(got)
+    if (st$output) writer$close()              # end the stream before anything else
+    logs$release()
+    if (!is.null(st$failure)) {
+      send_error(st$failure)
+      return(invisible(FALSE))
+    }
+    if (!st$output) {
+      # no row came back: the first (empty) result, or no columns at all
+      writer$write(if (!is.null(st$first_empty)) st$first_empty
+                   else structure(list(), names = character(0), class = "data.frame",
+                                  row.names = integer(0)))
+      writer$close()
+    }
+    log_msg(sprintf("retrieved %.0f rows", st$rows_in))
+    log_msg(sprintf("retrieved %d column names", length(got$names)))
+    log_msg(sprintf("applied closure to %.0f rows in %d batches", st$rows_in, st$batches))
+    log_msg(sprintf("returned %.0f rows", st$rows_out))
+    log_msg("finished")
+    wb_send_json(out$write, "DONE", list(rows_in = st$rows_in, rows_out = st$rows_out))
+    return(invisible(TRUE))
+  }
+
+  units <- if (length(group_by)) wb_split_groups(df, group_by) else list(NULL)
   # evaluates `call` with `df` bound to the partition, or to each group of it
   run_units <- function(whole) {
     res <- vector("list", length(units))
@@ -408,20 +554,10 @@ local({
     res
   }
   result <- tryCatch(
-    withCallingHandlers(
-      run_units(df),
-      warning = function(w) {
-        closure_log(conditionMessage(w), "WARN")
-        invokeRestart("muffleWarning")
-      },
-      error = function(e) {
-        # only keep the calls here (cheap: errors the closure catches itself
-        # pass through this handler too); deparse once the error escapes
-        tb_calls <<- sys.calls()
-      }),
+    withCallingHandlers(run_units(df), warning = closure_warning, error = closure_error),
     error = function(e) e)
   if (inherits(result, "error")) {
-    send_error(wb_error_payload("closure", result, traceback = wb_traceback(tb_calls, base)))
+    send_error(closure_failure(result))
     return(invisible(FALSE))
   }
   log_msg(if (length(group_by)) sprintf("applied closure to %d rows in %d groups", rows_in, length(units))
@@ -440,15 +576,10 @@ local({
     } else {
       res <- wb_tag(frames[[1L]], task, opts, 0L)
     }
-    for (k in intersect(c("__wb_partition", "__wb_unit"), names(res)))
-      if (isTRUE(opts$tag_units)) class(res[[k]]) <- "wb_int64"      # written as int64
-    wb_nojit(arrow_prepare_frame(res))
+    wb_nojit(arrow_prepare_frame(mark_int64(res)))
   }, error = function(e) e)
   if (inherits(prep, "error")) {
-    kind <- if (inherits(prep, "arrow_codec_error")) "codec" else "result"
-    p <- wb_error_payload(kind, prep, column = prep$column)
-    p$message <- paste0("could not encode the result: ", conditionMessage(prep))
-    send_error(p)
+    send_error(result_failure(prep))
     return(invisible(FALSE))
   }
   rows_out <- prep$nrow
@@ -462,7 +593,7 @@ local({
 
 # Give the child's functions the child environment as their home.
 local({
-  for (nm in c("wb_child_main", "wb_error_payload", "wb_deparse_call", "wb_as_frame", "wb_run_task",
+  for (nm in c("wb_child_main", "wb_log_channel", "wb_error_payload", "wb_deparse_call", "wb_as_frame", "wb_run_task",
                "wb_nojit", "wb_traceback", "wb_split_groups", "wb_with_keys", "wb_rbind", "wb_tag"))
     environment(.wb[[nm]]) <- .wb
 })

@@ -130,8 +130,10 @@ wb_send_frame <- function(con, type, payload = raw()) {
 # A write buffer in front of a connection: small frames written back to back
 # would otherwise each wait for the peer's (delayed) ACK under Nagle's
 # algorithm, which R sockets cannot switch off.  Returns list(write(bytes),
-# flush(), pending(), since_flush()).  Writes of `limit` bytes or more flush.
-wb_buffered_writer <- function(con, limit = 4194304) {
+# flush(), pending(), since_flush()).  Pieces of `direct` bytes or more are not
+# copied into the buffer: what is pending goes first, then the piece itself.
+# The buffer is flushed when it holds `limit` bytes.
+wb_buffered_writer <- function(con, limit = 4194304, direct = 65536) {
   st <- new.env(parent = emptyenv())
   st$chunks <- list()
   st$size <- 0
@@ -148,8 +150,13 @@ wb_buffered_writer <- function(con, limit = 4194304) {
     invisible(NULL)
   }
   write <- function(bytes) {
-    if (length(bytes) >= limit) {
-      flush_out()
+    if (length(bytes) >= min(limit, direct)) {
+      if (st$size > 0) {
+        pending <- if (length(st$chunks) == 1L) st$chunks[[1L]] else do.call(c, st$chunks)
+        st$chunks <- list()
+        st$size <- 0
+        writeBin(pending, con)
+      }
       writeBin(bytes, con)
       st$last <- proc.time()[["elapsed"]]
       return(invisible(NULL))
