@@ -45,6 +45,14 @@ if not _connect_deps():
                 allow_module_level=True)
 
 
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 @pytest.fixture(scope="module")
 def connect_server(tmp_path_factory, executor_python):
     root = tmp_path_factory.mktemp("connect")
