@@ -41,6 +41,8 @@ def session():
              .config("spark.driver.bindAddress", "127.0.0.1")
              .config("spark.driver.memory", "6g")
              .config("spark.sql.execution.arrow.maxRecordsPerBatch", "100000")
+             # the peak-RSS lines are read back by position: keep every line
+             .config("spark.workerbridge.log.maxLines", "10000000")
              .getOrCreate())
     spark.sparkContext.setLogLevel("ERROR")
     return spark

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from workerbridge import spark_apply, spark_log
+from workerbridge import R, spark_apply, spark_log
 from workerbridge.errors import BadInputError
 
 
@@ -18,25 +18,41 @@ def groups_df(spark):
     return spark.createDataFrame(pdf).repartition(5)
 
 
-def test_group_by_calls_f_once_per_whole_group(spark, groups_df):
+@pytest.mark.parametrize("lang", ["python", "r"])
+def test_group_by_calls_f_once_per_whole_group(spark, groups_df, lang):
     def f(d):
         import workerbridge
         workerbridge.log(f"group-call {d.g.iloc[0]} {len(d)}")
         return pd.DataFrame({"n": [len(d)], "total": [int(d.x.sum())]})
 
+    r_code = ("function(d) { worker_log('group-call ', d$g[1], ' ', nrow(d)); "
+              "data.frame(n = nrow(d), total = sum(d$x)) }")
     before = len(spark_log(spark, filter="group-call", n=None))
-    out = spark_apply(groups_df, f, group_by="g")
+    out = spark_apply(groups_df, f if lang == "python" else R(r_code), group_by="g",
+                      schema="n long, total long")
     assert out.columns == ["g", "n", "total"]            # group column put in front
     got = sorted(tuple(r) for r in out.collect())
     want = [(g, 10_000, int(sum(range(k, 30_000, 3)))) for k, g in enumerate("abc")]
     assert got == want
-    lines = spark_log(spark, filter="group-call", n=None)[before:]
-    # Schema inference ran f on a sample on the driver (ids "driver-N"); the
-    # cluster called it exactly once per group, with the whole group.
-    calls = [c for c in lines if "(driver-" not in c]
-    assert all(int(c.split()[-1]) <= 10 for c in lines if "(driver-" in c)
+    calls = spark_log(spark, filter="group-call", n=None)[before:]
+    # exactly once per group, with the whole group (no inference: schema given)
     assert len(calls) == 3 and sorted(c.split()[-2] for c in calls) == ["a", "b", "c"]
     assert all(c.endswith(" 10000") for c in calls)
+
+
+def test_inference_runs_f_on_the_driver_sample_only(spark, groups_df):
+    def f(d):
+        import workerbridge
+        workerbridge.log(f"infer-call {len(d)}")
+        return pd.DataFrame({"n": [len(d)]})
+
+    before = len(spark_log(spark, filter="infer-call", n=None))
+    out = spark_apply(groups_df, f, group_by="g", sample_rows=10)
+    assert sorted(tuple(r) for r in out.collect()) == [("a", 10000), ("b", 10000), ("c", 10000)]
+    lines = spark_log(spark, filter="infer-call", n=None)[before:]
+    sample = [c for c in lines if "(driver-" in c]
+    assert sample and sum(int(c.split()[-1]) for c in sample) == 10
+    assert len(lines) - len(sample) == 3                  # the cluster never reran it
 
 
 def test_group_by_several_columns_and_explicit_schema(spark):
