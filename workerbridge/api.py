@@ -8,6 +8,7 @@ Does not cover: what happens inside a task (``worker``).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import tempfile
@@ -132,7 +133,8 @@ def spark_apply(df, f: Union[Callable, R], schema: Any = None, **options: Any):
     if group_by:
         struct = _groups_first(struct, df.schema, group_by)
     if not fetch:
-        closure = pack(f, opts["context"], dict(child_options, tag_units=True))
+        # options travel in the TASK message, not in the pickle: no second cloudpickle
+        closure = dataclasses.replace(closure, options=dict(closure.options, tag_units=True))
         struct = _with_unit_columns(struct)
     large = str(spark.conf.get("spark.sql.execution.arrow.useLargeVarTypes", "false")).lower()
     # The task carries the package's files itself (compressed), so the spec

@@ -292,8 +292,7 @@ class Worker:
                     role=self.role, hint="driver and executors run different workerbridge versions")
             P.send_json(conn, P.WELCOME, {"protocol": P.PROTOCOL_VERSION})
             self.stats["child_pid"] = hello.get("pid")
-            reader.watch = lambda data_ready: self._watch(self._deadline, "timeout", data_ready)
-            return conn, stream
+            return conn, stream             # the task's watch replaces the auth one in _run
 
     def _task_json(self) -> dict:
         msg = {"partition": self.partition, "task_id": str(self.task_id),
