@@ -7,7 +7,8 @@
 For each rows x partitions cell, every method runs an identity closure and a
 small transform (``x * 2``) over a cached DataFrame of N rows x (2 long,
 2 double, 1 string), forced with the ``noop`` writer so no rows travel to the
-driver; each timing is the median of ``--repeat`` runs after one warm-up run.
+driver; each timing is the median of ``--repeat`` runs after one warm-up run,
+the methods of a cell interleaved (round k times every method once).
 Cold = a new child per partition (``reuse=False``), warm = children kept
 between tasks (the default).  Prints a table with the ratio to ``mapInPandas``,
 the per-partition overhead (P=64 against P=2) and the peak RSS of the children,
@@ -164,22 +165,31 @@ def main() -> None:
     for rows in args.rows:
         for parts in args.partitions:
             df = data(spark, rows, parts)
-            for name, build in table.items():
-                if args.only and name not in args.only:
-                    continue
-                if name.startswith("rpy2") and rows > 1_000_000:
-                    continue                     # minutes per run; 1M says enough
-                for transform in ([False] if args.no_transform else [False, True]):
-                    out = build(df, transform)
+            names = [name for name in table
+                     if (not args.only or name in args.only)
+                     and not (name.startswith("rpy2") and rows > 1_000_000)]  # minutes; 1M says enough
+            for transform in ([False] if args.no_transform else [False, True]):
+                closure = "transform" if transform else "identity"
+                outs = {name: table[name](df, transform) for name in names}
+                for out in outs.values():
                     timed(out, 1)                                     # warm-up
-                    before = len(spark_log(spark, n=None))
-                    times = timed(out, args.repeat)
-                    rec = {"method": name, "closure": "transform" if transform else "identity",
-                           "rows": rows, "partitions": parts,
-                           "median_s": statistics.median(times), "runs_s": times,
-                           "peak_child_rss_mb": peak_rss_mb(spark, before)}
+                # interleaved: each round times every method once, so that a
+                # slow spell of the machine does not land on one method only
+                times = {name: [] for name in names}
+                peaks = {name: [] for name in names}
+                for k in range(args.repeat):
+                    for name in names[k % len(names):] + names[:k % len(names)]:
+                        before = len(spark_log(spark, filter="peak RSS", n=None))
+                        times[name] += timed(outs[name], 1)
+                        peak = peak_rss_mb(spark, before)
+                        if peak:
+                            peaks[name].append(peak)
+                for name in names:
+                    rec = {"method": name, "closure": closure, "rows": rows, "partitions": parts,
+                           "median_s": statistics.median(times[name]), "runs_s": times[name],
+                           "peak_child_rss_mb": max(peaks[name]) if peaks[name] else None}
                     results.append(rec)
-                    print(f"{name:38s} {rec['closure']:9s} rows={rows:>9,d} P={parts:<3d} "
+                    print(f"{name:38s} {closure:9s} rows={rows:>9,d} P={parts:<3d} "
                           f"median {rec['median_s']:7.3f} s", flush=True)
             df.unpersist()
     report(results)

@@ -17,11 +17,11 @@
 #       is re-raised unchanged once the rest of the stream has been consumed.
 #   arrow_skip_stream(src)
 #       Consumes a stream up to its end-of-stream marker without decoding it.
-#   arrow_write_stream(df, con = NULL, batch_rows = 65536L)
+#   arrow_write_stream(df, con = NULL, batch_rows = 1048576L)
 #       Writes df as an Arrow IPC stream to the binary connection `con` (or
 #       hands the bytes, piece by piece, to `con` when it is a function), or
 #       returns the stream as a raw vector when con is NULL.
-#   arrow_stream_writer(con = NULL, batch_rows = 65536L)
+#   arrow_stream_writer(con = NULL, batch_rows = 1048576L)
 #       list(write(df_or_prepared), close()): one stream written frame by
 #       frame (schema with the first frame, end-of-stream marker on close;
 #       later frames must have the first frame's columns).
@@ -480,7 +480,7 @@
   s$read <- function(n) {
     if (n <= 0) return(raw(0))
     first <- readBin(s$con, "raw", min(n, 67108864))
-    got <- length(first)
+    got <- as.numeric(length(first))
     if (got == n || got == 0L) return(first)
     chunks <- list(first)
     while (got < n) {
@@ -668,7 +668,10 @@
           x <- .ai_i64_vec(vb, n, t$signed)
           # |x| >= 2^53 holds every value beyond 2^53 (x is rounded); the exact
           # test on the halves, only for those: v > 2^53 or v < -2^53
-          cand <- which(abs(x) >= 9007199254740992)
+          # (range first: no scan allocates when all values are small)
+          r <- if (n) range(x, na.rm = TRUE) else c(0, 0)
+          cand <- if (n && (r[1L] <= -9007199254740992 || r[2L] >= 9007199254740992))
+                    which(abs(x) >= 9007199254740992) else integer(0)
           if (!is.null(valid)) cand <- cand[valid[cand]]
           if (length(cand)) {
             h <- .ai_i64_halves(vb[rep(8 * (cand - 1), each = 8L) + 1:8], length(cand), t$signed)
@@ -776,8 +779,9 @@
     }
     return(out)
   }
-  out <- character(n)
-  if (total > 0 && isTRUE(l10n_info()[["UTF-8"]])) {
+  if (total == 0) {
+    out <- character(n)
+  } else if (isTRUE(l10n_info()[["UTF-8"]])) {
     # readChar makes the n strings straight from the bytes (native encoding,
     # which is UTF-8 here); non-ASCII ones are then checked and marked UTF-8
     # (readChar reads from the start of a raw vector whose size fits an int)
@@ -799,7 +803,7 @@
         .ai_col_error(name, sprintf("row %d holds invalid UTF-8", bad[1L]))
       Encoding(out[rows]) <- "UTF-8"
     }
-  } else if (total > 0) {
+  } else {
     region <- if (offs[1L] == 0 && offs[n + 1L] == length(data)) data
               else data[(offs[1L] + 1):offs[n + 1L]]
     big <- tryCatch(rawToChar(region), error = function(e)
@@ -1216,9 +1220,8 @@ arrow_prepare_frame <- function(df) {
       utf8 = {
         if (nc) x[na] <- ""
         lens <- nchar(x, type = "bytes")
-        total <- suppressWarnings(sum(lens))           # NA beyond the integer range
-        if (is.na(total))
-          .ai_col_error(col$name, "more than 2 GiB of string data in one batch; use fewer batch_rows")
+        total <- sum(as.numeric(lens))
+        if (total > 2147483647) .ai_batch_too_big(col$name, n)
         add(writeBin(c(0L, cumsum(lens)), raw(), size = 4L, endian = "little"))
         add(if (total > 0) .ai_concat_strings(x, lens) else raw(0))
       },
@@ -1226,8 +1229,7 @@ arrow_prepare_frame <- function(df) {
         lens <- lengths(x)
         ends <- cumsum(as.numeric(lens))
         total <- if (n) ends[n] else 0
-        if (total > 2147483647)
-          .ai_col_error(col$name, "more than 2 GiB of binary data in one batch; use fewer batch_rows")
+        if (total > 2147483647) .ai_batch_too_big(col$name, n)
         add(writeBin(c(0L, as.integer(ends)), raw(), size = 4L, endian = "little"))
         add(if (total > 0) unlist(x, use.names = FALSE) else raw(0))
       })
@@ -1298,18 +1300,33 @@ arrow_prepare_frame <- function(df) {
   prep
 }
 
-# The record batch messages of a prepared frame, batch_rows rows at a time.
+# A batch whose string or binary data would pass the 32-bit offsets: the
+# writer splits it (a single value that large cannot be written at all).
+.ai_batch_too_big <- function(name, n) {
+  if (n <= 1)
+    .ai_col_error(name, "a single value holds more than 2 GiB, beyond Arrow's 32-bit offsets")
+  stop(structure(class = c("ai_batch_too_big", "error", "condition"),
+                 list(message = "batch too big", call = NULL)))
+}
+
+# The record batch messages of a prepared frame, at most batch_rows rows each
+# (the whole frame in one batch when it fits: no column is copied), halved
+# where a batch would hold more than 2 GiB of strings.
 .ai_emit_batches <- function(prep, emit, batch_rows) {
   nrow <- prep$nrow
   batch_rows <- max(1L, as.integer(batch_rows))
-  if (nrow <= batch_rows) {
-    .ai_emit_message(.ai_batch_message(prep, NULL, nrow), emit)
-  } else {
-    for (a in seq(1, nrow, by = batch_rows)) {
-      z <- min(nrow, a + batch_rows - 1)
-      .ai_emit_message(.ai_batch_message(prep, a:z, z - a + 1), emit)
-    }
+  one <- function(a, z) {
+    whole <- a == 1 && z == nrow
+    m <- tryCatch(.ai_batch_message(prep, if (whole) NULL else a:z, z - a + 1),
+                  ai_batch_too_big = function(e) NULL)
+    if (!is.null(m)) return(.ai_emit_message(m, emit))
+    mid <- a + (z - a + 1) %/% 2 - 1
+    one(a, mid)
+    one(mid + 1, z)
   }
+  if (nrow <= batch_rows) return(invisible(one(1, nrow)))
+  for (a in seq(1, nrow, by = batch_rows)) one(a, min(nrow, a + batch_rows - 1))
+  invisible(NULL)
 }
 
 .ai_emit_message <- function(m, emit) {
@@ -1325,7 +1342,7 @@ arrow_prepare_frame <- function(df) {
 # close() sends the end-of-stream marker (and, when nothing was written, a
 # schema without columns first), and returns the stream as a raw vector when
 # con is NULL.  con: as for arrow_write_stream.
-arrow_stream_writer <- function(con = NULL, batch_rows = 65536L) {
+arrow_stream_writer <- function(con = NULL, batch_rows = 1048576L) {
   out <- .ai_emitter(con)
   st <- new.env(parent = emptyenv())
   st$schema <- NULL
@@ -1352,7 +1369,7 @@ arrow_stream_writer <- function(con = NULL, batch_rows = 65536L) {
   list(write = write, close = close, started = function() !is.null(st$schema))
 }
 
-arrow_write_stream <- function(df, con = NULL, batch_rows = 65536L) {
+arrow_write_stream <- function(df, con = NULL, batch_rows = 1048576L) {
   w <- arrow_stream_writer(con, batch_rows)
   w$write(df)
   w$close()

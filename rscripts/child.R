@@ -101,15 +101,28 @@ local({
 
   # -- task loop -------------------------------------------------------------
   cache <- new.env(parent = emptyenv())     # closure_hash -> function (warm reuse)
+  # WORKERBRIDGE_RPROF=<file>: an Rprof sampling profile of every task (bench/)
+  prof <- Sys.getenv("WORKERBRIDGE_RPROF", "")
+  dirty <- FALSE
   repeat {
+    # R frees memory only when it collects, and the child starts with a large
+    # heap (see r_heap_args in worker.py): after a task, once no frame has come
+    # for a moment (a warm child waiting in the pool), collect, so that an idle
+    # child gives its garbage back.  Back-to-back tasks do not pay for this.
+    if (dirty && !isTRUE(tryCatch(socketSelect(list(con), timeout = 0.25),
+                                  error = function(e) TRUE))) invisible(gc())
+    dirty <- FALSE
     fr <- tryCatch(wb_recv_frame(con), error = function(e) e)
     if (inherits(fr, "wb_peer_closed") && isTRUE(fr$got == 0)) break   # EOF: a normal exit
     if (inherits(fr, "error")) die(paste0("while waiting for a task: ", conditionMessage(fr)))
     if (fr$name == "BYE") break
     if (fr$name != "TASK") die(sprintf("expected TASK or BYE, got %s", fr$name))
     tryCatch({
+      if (nzchar(prof)) utils::Rprof(prof, interval = 0.002, append = TRUE)
       wb_run_task(con, out, wb_decode_json_payload(fr$payload), logs, cache)
+      if (nzchar(prof)) utils::Rprof(NULL)
       out$flush()
+      dirty <- TRUE
     }, error = function(e) {
       try(out$flush(), silent = TRUE)
       die(sprintf("task failed: %s", conditionMessage(e)))
@@ -303,7 +316,7 @@ local({
   int64 <- if (identical(opts$int64, "character")) "character" else "double"
   factors <- isTRUE(opts$factors)
   batch_rows <- if (is.numeric(opts$batch_rows) && length(opts$batch_rows) == 1L &&
-                    opts$batch_rows >= 1) as.integer(opts$batch_rows) else 65536L
+                    opts$batch_rows >= 1) as.integer(opts$batch_rows) else 1048576L
   context <- task$context
   packages <- unique(as.character(unlist(c(task$packages, opts$packages), use.names = FALSE)))
   group_by <- as.character(unlist(opts$group_by, use.names = FALSE))

@@ -82,7 +82,7 @@ wb_read_exact <- function(con, n) {
   n <- as.numeric(n)
   if (n <= 0) return(raw(0))
   first <- readBin(con, "raw", n)
-  got <- length(first)
+  got <- as.numeric(length(first))
   if (got == n) return(first)
   chunks <- list(first)
   while (got < n) {

@@ -1,0 +1,66 @@
+"""The R child's heap: started large (fewer garbage collections on the hot
+path), capped by memory_limit, left at R's default in batch mode or when the
+user sets R_VSIZE, and collected once the child sits idle in the pool."""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+import pyarrow as pa
+import pytest
+
+from workerbridge.closure import R, pack
+from workerbridge.gateway import Gateway
+from workerbridge.runtime import Runtime
+from workerbridge.worker import Worker, TaskSpec, WorkerOptions
+
+# the vector heap's collection trigger in MB, as R itself reports it
+TRIGGER = R("function(d) data.frame(mb = gc()[2L, 4L])")
+
+
+@pytest.fixture(scope="module")
+def gateway():
+    gw = Gateway(log_path=None)
+    yield gw
+    gw.stop()
+
+
+def run(gateway, f, batch_mode="partition", **options):
+    spec = TaskSpec(pack(f, None, {"batch_mode": batch_mode}), Runtime.collect(True), None,
+                    gateway.address, WorkerOptions(**options))
+    worker = Worker(spec, 0, "heap")
+    table = pa.table({"x": list(range(10))})
+    return worker, pa.Table.from_batches(list(worker.run(table.to_batches())))
+
+
+@pytest.mark.parametrize("case, options, low, high", [
+    ("default", {}, 256, 1024),
+    ("memory_limit caps it", {"memory_limit": 400 * 2**20}, 90, 200),
+    ("batch mode keeps R's own (64 MB)", {"batch_mode": "batch"}, 0, 65),
+    ("the user's R_VSIZE wins", {"env": {"R_VSIZE": "80M"}}, 70, 160),
+])
+def test_vector_heap_trigger(gateway, case, options, low, high):
+    options = dict(options)
+    _, out = run(gateway, TRIGGER, options.pop("batch_mode", "partition"), **options)
+    mb = out.column("mb")[0].as_py()
+    assert low <= mb < high, f"{case}: trigger {mb} MB"
+
+
+def test_idle_warm_child_gives_its_garbage_back(gateway):
+    # 320 MB of garbage left behind by the closure: more than the heap's first
+    # trigger, so only the idle collection can free it before the next task
+    hog = R("function(d) { x <- numeric(4e7); x[1] <- 1; d }")
+    worker, out = run(gateway, hog, reuse=True)
+    assert out.num_rows == 10
+    proc = psutil.Process(worker.stats["child_pid"])
+    try:
+        after = proc.memory_info().rss
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and proc.memory_info().rss > after - 200 * 2**20:
+            time.sleep(0.1)
+        assert proc.memory_info().rss <= after - 200 * 2**20, \
+            f"RSS {after / 2**20:.0f} MB right after the task, {proc.memory_info().rss / 2**20:.0f} MB later"
+    finally:
+        from workerbridge.pool import POOL
+        POOL.close_all()
