@@ -66,3 +66,18 @@ def test_never_reused_after_an_error(spark, lang):
     lines = _new_lines(spark, before)
     assert any(re.search(r"started (Py|R)Script", ln) for ln in lines)
     assert not any("reused" in ln for ln in lines)
+
+
+def test_python_and_r_jobs_alternating_keep_their_warm_children(spark):
+    # Both languages ship the same runtime, so an executor does not reload
+    # workerbridge (and lose its pool) each time the language changes.
+    df = spark.range(1000).repartition(2)
+    jobs = [LANGS["python"](), LANGS["r"]()] * 3
+    before = len(spark_log(spark, n=None))
+    for f in jobs:
+        assert spark_apply(df, f, schema="id long", reuse=True, idle_timeout=5).count() == 1000
+    lines = _new_lines(spark, before)
+    for role in ("PyScript", "RScript"):
+        started = [ln for ln in lines if f"started {role}" in ln]
+        reused = [ln for ln in lines if f"reused {role}" in ln]
+        assert len(started) <= 2 and len(reused) >= 4, (role, len(started), len(reused))

@@ -63,6 +63,13 @@ def load(root: str, digest: str) -> tuple:
         found = importlib.machinery.PathFinder.find_spec(PACKAGE)
         if found is not None and found.origin:
             other = (_declared_version(found.origin), os.path.dirname(found.origin))
+    # the children kept warm by the copy being replaced would wait for nothing
+    pool = sys.modules.get(PACKAGE + ".pool")
+    if pool is not None and hasattr(pool, "POOL"):
+        try:
+            pool.POOL.close_all()
+        except Exception:       # noqa: BLE001 - an older copy's pool; its reaper ends them too
+            pass
     for name in [n for n in sys.modules if n == PACKAGE or n.startswith(PACKAGE + ".")]:
         del sys.modules[name]
     spec = importlib.machinery.PathFinder.find_spec(PACKAGE, [root])

@@ -40,10 +40,18 @@ class Runtime:
 
     @classmethod
     def collect(cls, with_r: bool) -> "Runtime":
+        """The package's files; the R files too whenever they are there (required
+        when ``with_r``).  Python and R jobs thus ship the same runtime, so an
+        executor keeps one loaded workerbridge, and one pool of warm children,
+        when they alternate."""
         files = {f"workerbridge/{p.name}": p.read_text("utf-8")
                  for p in sorted(PACKAGE_DIR.glob("*.py"))}
-        if with_r:
+        try:
             rdir = r_scripts_dir()
+        except FileNotFoundError:
+            if with_r:
+                raise
+        else:
             files.update({f"rscripts/{name}": (rdir / name).read_text("utf-8") for name in R_FILES})
         h = hashlib.sha256()
         for path in sorted(files):
