@@ -1,6 +1,6 @@
 """The R child's heap: started large (fewer garbage collections on the hot
-path), capped by memory_limit, left at R's default in batch mode or when the
-user sets R_VSIZE, and collected once the child sits idle in the pool."""
+path), capped by memory_limit, R's own in batch mode, the user's own when env=
+sets R_VSIZE, and collected once the child sits idle in the pool."""
 
 from __future__ import annotations
 

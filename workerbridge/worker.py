@@ -70,12 +70,13 @@ R_MIN_VSIZE = 256 * 2**20       # R's vector heap before its first collection
 
 
 def r_heap_args(memory_limit: Optional[int]) -> list:
-    """Rscript flags that start R with a larger vector heap.  R collects garbage
-    each time the heap it has fills; with its small default a 500k-row
-    partition pays ~40% of its codec time in collections (bench/: warm R task,
-    500k rows, 0.39 s -> 0.23-0.26 s; a larger cons-cell heap, --min-nsize,
-    measured slower).  Batch mode keeps R's default (its point is a small
-    footprint); a memory_limit caps the heap at a quarter of it."""
+    """Rscript flags that size R's vector heap, the allocations after which R
+    collects garbage (R's own default: 64 MB).  With that default a 500k-row
+    partition spent ~40% of its codec time in collections (bench/worker_loop.py:
+    warm R task, 500k rows, 0.39 s -> 0.24-0.26 s with 256 MB; a larger
+    cons-cell heap, --min-nsize, measured slower).  Batch mode keeps R's
+    default: its point is a small footprint (8 MB measured a higher idle and
+    peak RSS than the default).  A memory_limit caps the heap at a quarter of it."""
     vsize = R_MIN_VSIZE if memory_limit is None else \
         max(16 * 2**20, min(R_MIN_VSIZE, memory_limit // 4))
     return [f"--min-vsize={vsize // 2**20}M"]
