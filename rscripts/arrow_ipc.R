@@ -669,7 +669,7 @@
           # |x| >= 2^53 holds every value beyond 2^53 (x is rounded); the exact
           # test on the halves, only for those: v > 2^53 or v < -2^53
           # (range first: no scan allocates when all values are small)
-          r <- if (n) range(x, na.rm = TRUE) else c(0, 0)
+          r <- if (n) suppressWarnings(range(x, na.rm = TRUE)) else c(0, 0)   # all NA: Inf, -Inf
           cand <- if (n && (r[1L] <= -9007199254740992 || r[2L] >= 9007199254740992))
                     which(abs(x) >= 9007199254740992) else integer(0)
           if (!is.null(valid)) cand <- cand[valid[cand]]
@@ -1221,7 +1221,7 @@ arrow_prepare_frame <- function(df) {
         if (nc) x[na] <- ""
         lens <- nchar(x, type = "bytes")
         total <- sum(as.numeric(lens))
-        if (total > 2147483647) .ai_batch_too_big(col$name, n)
+        if (total > .ai_max_offset) .ai_batch_too_big(col$name, n)
         add(writeBin(c(0L, cumsum(lens)), raw(), size = 4L, endian = "little"))
         add(if (total > 0) .ai_concat_strings(x, lens) else raw(0))
       },
@@ -1229,7 +1229,7 @@ arrow_prepare_frame <- function(df) {
         lens <- lengths(x)
         ends <- cumsum(as.numeric(lens))
         total <- if (n) ends[n] else 0
-        if (total > 2147483647) .ai_batch_too_big(col$name, n)
+        if (total > .ai_max_offset) .ai_batch_too_big(col$name, n)
         add(writeBin(c(0L, as.integer(ends)), raw(), size = 4L, endian = "little"))
         add(if (total > 0) unlist(x, use.names = FALSE) else raw(0))
       })
@@ -1302,6 +1302,7 @@ arrow_prepare_frame <- function(df) {
 
 # A batch whose string or binary data would pass the 32-bit offsets: the
 # writer splits it (a single value that large cannot be written at all).
+.ai_max_offset <- 2147483647
 .ai_batch_too_big <- function(name, n) {
   if (n <= 1)
     .ai_col_error(name, "a single value holds more than 2 GiB, beyond Arrow's 32-bit offsets")

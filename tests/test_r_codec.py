@@ -93,8 +93,12 @@ r_frames <- function() {
   big$s[seq(1, 150000, by = 1000)] <- NA
   dup <- structure(list(1:2, c("x", "y"), c(TRUE, NA)), names = c("a", "a", "not syntactic \u00e9"),
                    class = "data.frame", row.names = .set_row_names(2L))
+  split <- data.frame(i = 1:10, s = sprintf("%040d", 1:10), stringsAsFactors = FALSE)
+  split$bin <- lapply(1:10, function(k) as.raw(rep(k, 30)))
+  split$s[4] <- NA
   list(types = types, types0 = types[0, ], nocols = data.frame(row.names = 1:7),
-       empty = data.frame(), big = big, dup = dup)
+       empty = data.frame(), big = big, dup = dup, split = split,
+       toolong = data.frame(s = strrep("x", 150), stringsAsFactors = FALSE))
 }
 
 jobs <- wb_json_decode(paste(readLines(args[2L], encoding = "UTF-8"), collapse = "\n"),
@@ -121,7 +125,18 @@ for (job in jobs) {
     } else if (mode == "rwrite") {
       if (is.null(frames)) frames <- r_frames()
       df <- frames[[job$frame]]
-      con <- file(job$out, "wb"); arrow_write_stream(df, con, batch_rows = 65536L); close(con)
+      write_it <- function() {
+        con <- file(job$out, "wb")
+        on.exit(close(con))
+        arrow_write_stream(df, con, batch_rows = 65536L)
+      }
+      if (!is.null(job$max_offset)) {          # a lower 32-bit offset limit: batches split
+        saved <- .ai_max_offset
+        assign(".ai_max_offset", job$max_offset, envir = globalenv())
+        tryCatch(write_it(), finally = assign(".ai_max_offset", saved, envir = globalenv()))
+      } else {
+        write_it()
+      }
       back <- arrow_read_stream(job$out)
       info <- info_of(df, character(0))
       info$self_identical <- identical(back, df)
@@ -471,7 +486,23 @@ def test_r_writes(tmp_path):
     frames = ["types", "types0", "nocols", "empty", "big", "dup"]
     jobs = [{"mode": "rwrite", "frame": f, "out": str(tmp_path / f"{f}.arrow"),
              "info": str(tmp_path / f"{f}.json")} for f in frames]
-    run_driver(tmp_path, jobs)
+    # string/binary data past the 32-bit offsets (here lowered to 100 bytes):
+    # the writer splits the batch, down to a single value, which is an error
+    limited = [{"mode": "rwrite", "frame": f, "out": str(tmp_path / f"{f}.arrow"),
+                "info": str(tmp_path / f"{f}.json"), "max_offset": 100} for f in ("split", "toolong")]
+    run_driver(tmp_path, jobs + limited)
+    with pa.OSFile(str(tmp_path / "split.arrow"), "rb") as f:
+        batches = list(pa.ipc.open_stream(f))
+    assert len(batches) > 1
+    for b in batches:
+        assert sum(len(v) for v in b.column("s").to_pylist() if v is not None) <= 100
+        assert sum(len(v) for v in b.column("bin").to_pylist()) <= 100
+    split = pa.Table.from_batches(batches)
+    assert split.column("i").to_pylist() == list(range(1, 11))
+    assert split.column("s").to_pylist() == [None if k == 4 else f"{k:040d}" for k in range(1, 11)]
+    assert split.column("bin").to_pylist() == [bytes([k] * 30) for k in range(1, 11)]
+    toolong = load_info(limited[1])
+    assert "single value holds more than 2 GiB" in toolong["error"] and toolong["column"] == "s"
     infos = {f: load_info(j) for f, j in zip(frames, jobs)}
     for f, info in infos.items():
         assert "error" not in info, (f, info)
