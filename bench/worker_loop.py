@@ -6,9 +6,9 @@
     .venv/bin/py-spy record --subprocesses -f raw -o /tmp/w.raw -- \\
         .venv/bin/python bench/worker_loop.py --lang python
 
-Runs the same partition (rows x (2 long, 2 double, 1 string), batches of
-100k rows as Spark's Arrow batches) through Worker.run with reuse on, the
-identity closure, and prints each task's wall time and the median of the warm
+Runs the same partition (rows x (2 long, 2 double, 1 string), in Arrow
+batches as Spark sends them) through Worker.run with reuse on, the
+identity closure (batches of --batch-rows input rows), and prints each task's wall time and the median of the warm
 ones (the first task starts the child).  ``--env K=V`` passes variables to the
 child (for example R_VSIZE=64M to compare R's default heap).
 """
@@ -42,10 +42,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=500_000)
     ap.add_argument("--lang", choices=["r", "python"], default="r")
     ap.add_argument("--tasks", type=int, default=12)
+    ap.add_argument("--batch-rows", type=int, default=100_000,
+                    help="rows per input batch (Spark's maxRecordsPerBatch; its default is 10,000)")
     ap.add_argument("--env", nargs="*", default=[], metavar="K=V")
     args = ap.parse_args()
     table = partition(args.rows)
-    batches = table.to_batches(max_chunksize=100_000)
+    batches = table.to_batches(max_chunksize=args.batch_rows)
     f = R("function(d) d") if args.lang == "r" else (lambda d: d)
     gw = Gateway(log_path=None)
     env = dict(kv.split("=", 1) for kv in args.env)

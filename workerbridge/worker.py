@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hmac
 import io
+import itertools
 import json
 import os
 import secrets
@@ -39,6 +40,8 @@ from .runtime import Runtime
 from .supervise import Child, exit_name, format_bytes, tree_rss
 
 POLL_S = 0.2
+COALESCE_ROWS = 100_000        # input rows joined into one batch for the child
+COALESCE_BYTES = 16 * 2**20    # ... or bytes, whichever comes first
 
 
 @dataclass(frozen=True)
@@ -327,15 +330,34 @@ class Worker:
         try:
             sink = _SocketSink(conn)
             with pa.ipc.new_stream(sink, first.schema) as w:
-                w.write_batch(first)
-                rows += first.num_rows
-                for batch in rest:
-                    if batch.num_rows:
-                        w.write_batch(batch)
-                        rows += batch.num_rows
+                for batch in self._input_batches(first, rest):
+                    w.write_batch(batch)
+                    rows += batch.num_rows
             self.stats["rows_sent"] = rows
         except BaseException as e:                  # noqa: BLE001 - stored, re-raised by the reader
             self._writer_error = e
+
+    def _input_batches(self, first: pa.RecordBatch,
+                       rest: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        """Spark's batches (10,000 rows by default), joined into batches of at
+        least COALESCE_ROWS rows or COALESCE_BYTES bytes: the children decode
+        per batch, and R pays ~2 ms a batch (bench/worker_loop.py --batch-rows).
+        Batch mode keeps Spark's batches: they are what its closure is given."""
+        if self.closure.options.get("batch_mode") == "batch":
+            yield first
+            yield from (b for b in rest if b.num_rows)
+            return
+        pending, rows, size = [], 0, 0
+        for batch in itertools.chain([first], rest):
+            if not batch.num_rows:
+                continue
+            pending.append(batch)
+            rows, size = rows + batch.num_rows, size + batch.nbytes
+            if rows >= COALESCE_ROWS or size >= COALESCE_BYTES:
+                yield _joined(pending)
+                pending, rows, size = [], 0, 0
+        if pending:
+            yield _joined(pending)
 
     def _read_result(self, stream: io.BufferedReader) -> Iterator[pa.RecordBatch]:
         role_prefix = "R" if self.closure.language == R_LANG else "Py"
@@ -448,6 +470,12 @@ class Worker:
             partition=self.partition, language=self.language, role=self.role,
             detail=("stderr tail:\n" + self.child.stderr_tail()) if self.child else "",
             hint="the child sent something that is not the protocol; see its stderr")
+
+
+def _joined(batches: list) -> pa.RecordBatch:
+    if len(batches) == 1:
+        return batches[0]
+    return pa.Table.from_batches(batches).combine_chunks().to_batches()[0]
 
 
 class _SocketSink:
