@@ -1,6 +1,6 @@
 """Benchmark: spark_apply against Spark's in-process paths and rpy2, in one SparkSession.
 
-    make bench                                            # the full matrix (~15 min)
+    make bench                                            # the full matrix (~40 min, 2 cores)
     .venv/bin/python bench/run.py --rows 1000000 --partitions 2 --repeat 3
     .venv/bin/python bench/run.py --only mapInPandas "spark_apply R warm"
 
@@ -33,7 +33,7 @@ os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def session():
+def session(max_records_per_batch: int = 100_000):
     from pyspark.sql import SparkSession
     spark = (SparkSession.builder.master("local[2]").appName("workerbridge-bench")
              .config("spark.ui.enabled", "false")
@@ -41,7 +41,7 @@ def session():
              .config("spark.driver.host", "127.0.0.1")
              .config("spark.driver.bindAddress", "127.0.0.1")
              .config("spark.driver.memory", "6g")
-             .config("spark.sql.execution.arrow.maxRecordsPerBatch", "100000")
+             .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(max_records_per_batch))
              # the peak-RSS lines are read back by position: keep every line
              .config("spark.workerbridge.log.maxLines", "10000000")
              .getOrCreate())
@@ -156,10 +156,12 @@ def main() -> None:
     ap.add_argument("--no-r", action="store_true")
     ap.add_argument("--no-transform", action="store_true", help="identity only")
     ap.add_argument("--only", nargs="*", help="method names to run")
+    ap.add_argument("--max-records-per-batch", type=int, default=100_000,
+                    help="Spark's Arrow batch size (Spark's own default is 10,000)")
     args = ap.parse_args()
     from workerbridge import spark_log
     with_r = not args.no_r and shutil.which("Rscript") is not None
-    spark = session()
+    spark = session(args.max_records_per_batch)
     table = methods(with_r, have_rpy2())
     results = []
     for rows in args.rows:
