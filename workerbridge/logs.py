@@ -85,11 +85,7 @@ class _Connection:
         with cls._cache_lock:
             conn = cls._cache.pop(address, None)
         if conn is not None:
-            for f in (conn.reader, conn.sock):
-                try:
-                    f.close()
-                except OSError:
-                    pass
+            P.close_quietly(conn.reader, conn.sock)
 
 
 def drop_connection(address: GatewayAddress) -> None:

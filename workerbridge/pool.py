@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .protocol import close_quietly
+
 MAX_IDLE_PER_KEY = 2
 MAX_IDLE_TOTAL = 4
 
@@ -35,11 +37,7 @@ class Warm:
     idle_since: float = field(default_factory=time.monotonic)
 
     def close(self) -> None:
-        for f in (self.stream, self.conn):
-            try:
-                f.close()
-            except OSError:
-                pass
+        close_quietly(self.stream, self.conn)
         self.child.end(grace=0.5)
         self.child.release()
 

@@ -148,6 +148,15 @@ def expect(stream: BinaryIO, want: int, max_bytes: int = MAX_FRAME_BYTES) -> byt
     return payload
 
 
+def close_quietly(*ends) -> None:
+    """Close a connection's stream and socket; one already broken is closed enough."""
+    for f in ends:
+        try:
+            f.close()
+        except OSError:
+            pass
+
+
 def decode_json(payload: bytes) -> Any:
     try:
         return json.loads(payload.decode("utf-8"))

@@ -212,11 +212,7 @@ class Worker:
             if not kept:
                 # Never reused after an error, a breach or an early stop.
                 if warm is not None:
-                    for f in (warm.stream, warm.conn):
-                        try:
-                            f.close()
-                        except OSError:
-                            pass
+                    P.close_quietly(warm.stream, warm.conn)
                 if self.child is not None:
                     left = self.child.end()
                     if left:
