@@ -57,19 +57,20 @@ def private_home(base: str | None = None) -> str:
         return remembered
     parent = base or tempfile.gettempdir()
     problem = unsafe_parent(parent)
-    if problem is None:
-        home = os.path.join(parent, f"workerbridge-{os.getuid()}")
-        for _ in range(3):
-            try:
-                os.mkdir(home, 0o700)
-            except FileExistsError:
-                pass
-            problem = unsafe_dir(home)
-            if problem is None:
-                return home
-            if not _discard(home):
-                break
-    home = tempfile.mkdtemp(prefix=f"workerbridge-{os.getuid()}-")   # 0700, a new name
+    if problem is not None:
+        raise RuntimeError(f"workerbridge: no safe place for the runtime: {problem}; "
+                           "point TMPDIR at a directory others cannot write to")
+    home = os.path.join(parent, f"workerbridge-{os.getuid()}")
+    for _ in range(3):
+        try:
+            os.mkdir(home, 0o700)
+        except FileExistsError:
+            pass
+        if unsafe_dir(home) is None:
+            return home
+        if not _discard(home):
+            break
+    home = tempfile.mkdtemp(prefix=f"workerbridge-{os.getuid()}-", dir=parent)  # 0700, new
     if base is None:
         os.environ[HOME_ENV] = home
     return home

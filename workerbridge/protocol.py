@@ -29,7 +29,8 @@ Order of one task::
     child  -> AUTH     the per-task secret (ASCII hex); compared in constant time
     child  -> HELLO    {"pid", "protocol", "language", "runtime"}
     worker -> WELCOME  {"protocol"}            (or the worker closes the socket)
-    worker -> TASK     {"partition", "task_id", "options", "context" (R)...}
+    worker -> TASK     {"partition", "task_id", "job", "options", "context" (R)...}
+                       (a new "job" first resets what the last job's closure left)
     worker -> CLOSURE  cloudpickle bytes (Python) or R source (UTF-8)
     worker -> INPUT    + Arrow IPC stream of the partition's rows
     child  -> LOG*     {"level", "role", "message"}   (any time after WELCOME)

@@ -75,6 +75,9 @@ class TaskSpec:
     gateway: Optional[GatewayAddress] = None
     options: WorkerOptions = WorkerOptions()
     name: Optional[str] = None
+    # One per spark_apply: a warm child that last ran another job resets what a
+    # closure may have left behind (globals, options, cwd, environment) first.
+    job: str = field(default_factory=lambda: secrets.token_hex(8))
 
 
 R_MIN_VSIZE = 256 * 2**20       # R's vector heap before its first collection
@@ -199,9 +202,9 @@ class Worker:
                 warm = self._start(argv, env)
             warm.reader.watch = lambda data_ready: self._watch(self._deadline, "timeout", data_ready)
             P.send_json(warm.conn, P.TASK, self._task_json())
-            # A warm child that has this closure already gets an empty CLOSURE frame.
-            P.send_frame(warm.conn, P.CLOSURE,
-                         b"" if warm.digest == self.closure.digest else self.closure.code)
+            # A warm child that has this closure of this job already gets an empty CLOSURE frame.
+            same = warm.digest == self.closure.digest and warm.job == self.spec.job
+            P.send_frame(warm.conn, P.CLOSURE, b"" if same else self.closure.code)
             P.send_frame(warm.conn, P.INPUT)
             writer = threading.Thread(target=self._write_input, args=(warm.conn, first, rest),
                                       name="workerbridge-input", daemon=True)
@@ -211,7 +214,7 @@ class Worker:
             if opts.memory_limit:                 # one last sample: short tasks never wait
                 self.stats["peak_rss"] = max(self.stats.get("peak_rss", 0), tree_rss(self.child.pid))
             writer.join(5.0)
-            warm.digest, warm.tasks = self.closure.digest, warm.tasks + 1
+            warm.digest, warm.job, warm.tasks = self.closure.digest, self.spec.job, warm.tasks + 1
             self.log.write("Worker", f"{self.language} process completed")
             if "peak_rss" in self.stats:
                 self.log.write("Worker", f"peak RSS of the {self.role} process tree "
@@ -224,17 +227,15 @@ class Worker:
                 P.send_frame(warm.conn, P.BYE)
                 self.child.close_stdin()
                 self.child.wait(1.0)
-        except TaskError:
-            if self._writer_error is not None:        # what the child met came from it
-                raise self._upstream_error(self._writer_error) from self._writer_error
-            raise
         except GeneratorExit:
             raise
         except _Breach as e:
             raise self._limit_error(e) from None
-        except _Upstream as e:
-            raise self._upstream_error(e.error) from e.error
         except BaseException as e:                    # classify what broke
+            if self._writer_error is not None:        # what the child met came from upstream
+                raise self._upstream_error(self._writer_error) from self._writer_error
+            if isinstance(e, TaskError):
+                raise
             raise self._classify(e) from e
         finally:
             if not kept:
@@ -351,7 +352,7 @@ class Worker:
         return conn, stream             # the task's watch replaces the auth one in _run
 
     def _task_json(self) -> dict:
-        msg = {"partition": self.partition, "task_id": str(self.task_id),
+        msg = {"partition": self.partition, "task_id": str(self.task_id), "job": self.spec.job,
                "closure_hash": self.closure.digest, "options": self.closure.options}
         if self.closure.context_json is not None:
             msg["context"] = json.loads(self.closure.context_json)
@@ -434,11 +435,13 @@ class Worker:
         above LOG_FRAME_KEEP is read as its head only, the rest skipped unkept."""
         head = P.read_exact(stream, min(length, LOG_FRAME_KEEP)) if length else b""
         P.skip(stream, length - len(head))
-        rec = P.decode_json(head) if len(head) == length else _partial_log_record(head)
+        whole = len(head) == length
+        rec = P.decode_json(head) if whole else _partial_log_record(head)
         role = rec.get("role") if rec.get("role") in allowed else self.role
         level = rec.get("level") if rec.get("level") in ("DEBUG", "INFO", "WARN", "ERROR") \
             else "INFO"
-        self.log.write(role, P.cap_line(str(rec.get("message", "")), length), level)
+        self.log.write(role, P.cap_line(str(rec.get("message", "")), None if whole else length),
+                       level)
 
     def _check_counts(self, writer: threading.Thread) -> None:
         """After DONE: the child took every row sent and the Worker read every
@@ -539,8 +542,6 @@ class Worker:
                  "or give the closure less data per partition (repartition)")
 
     def _classify(self, e: BaseException) -> TaskError:
-        if self._writer_error is not None:
-            return self._upstream_error(self._writer_error)
         broke_protocol = isinstance(e, P.ProtocolError) and not isinstance(e, P.PeerClosed)
         if not broke_protocol and self.child is not None and self.child.wait(1.0) is not None:
             return self._died(f"the {self.role} child ended before finishing its task")
