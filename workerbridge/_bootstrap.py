@@ -124,7 +124,11 @@ def check_runtime(root: str, digest: str) -> str | None:
         for n in names:
             path = os.path.join(top, n)
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # no FIFO waits
+            except FileNotFoundError:
+                if cache:           # another process's bytecode being written and renamed
+                    continue
+                return f"{path}: vanished"
             except OSError as e:
                 return f"{path}: {e.strerror}"
             with os.fdopen(fd, "rb") as f:
