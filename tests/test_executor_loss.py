@@ -37,23 +37,24 @@ mark = cfg["mark"]
 
 def hold(d):
     import os, time
-    open(os.path.join(mark, f"child-{os.getpid()}"), "w").write("running")
-    end = time.monotonic() + 60
-    while not os.path.exists(os.path.join(mark, "killed")) and time.monotonic() < end:
+    open(os.path.join(mark, f"child-python-{os.getpid()}"), "w").write("running")
+    end = time.monotonic() + 120
+    while not os.path.exists(os.path.join(mark, "killed-python")) and time.monotonic() < end:
         time.sleep(0.1)
     return d
 
 R_HOLD = R("""function(d) {
-  writeLines("running", file.path(MARK, paste0("child-", Sys.getpid())))
-  end <- Sys.time() + 60
-  while (!file.exists(file.path(MARK, "killed")) && Sys.time() < end) Sys.sleep(0.1)
+  writeLines("running", file.path(MARK, paste0("child-r-", Sys.getpid())))
+  end <- Sys.time() + 120
+  while (!file.exists(file.path(MARK, "killed-r")) && Sys.time() < end) Sys.sleep(0.1)
   d
 }""".replace("MARK", json.dumps(mark)))
-f = hold if cfg["lang"] == "python" else R_HOLD
 df = spark.range(cfg["rows"], numPartitions=cfg["partitions"])
-ids = sorted(r.id for r in spark_apply(df, f, schema="id long").collect())
-print("RESULT " + json.dumps({"n": len(ids), "exact": ids == list(range(cfg["rows"]))}),
-      flush=True)
+result = {}
+for lang, f in (("python", hold), ("r", R_HOLD)):
+    ids = sorted(r.id for r in spark_apply(df, f, schema="id long").collect())
+    result[lang] = {"n": len(ids), "exact": ids == list(range(cfg["rows"]))}
+print("RESULT " + json.dumps(result), flush=True)
 spark.stop()
 '''
 
@@ -70,7 +71,7 @@ def _executors(root: Path) -> list:
     return found
 
 
-def _executor_running_a_child(root: Path, mark: Path, client, err_path: Path,
+def _executor_running_a_child(root: Path, mark: Path, lang: str, client, err_path: Path,
                               timeout: float = 240):
     """(executor JVM, the pids below it) once one of its tasks' children is in its closure."""
     end = time.monotonic() + timeout
@@ -78,7 +79,7 @@ def _executor_running_a_child(root: Path, mark: Path, client, err_path: Path,
         if client.poll() is not None:
             raise AssertionError(f"the client ended early ({client.returncode}):\n"
                                  + err_path.read_text()[-4000:])
-        children = {int(p.name.split("-")[1]) for p in mark.glob("child-*")}
+        children = {int(p.name.rsplit("-", 1)[1]) for p in mark.glob(f"child-{lang}-*")}
         for jvm in _executors(root):
             try:
                 below = {p.pid for p in jvm.children(recursive=True)}
@@ -90,14 +91,14 @@ def _executor_running_a_child(root: Path, mark: Path, client, err_path: Path,
     raise AssertionError("no executor ran a child in time:\n" + err_path.read_text()[-4000:])
 
 
-@pytest.mark.parametrize("lang", ["python", "r"])
 def test_executor_killed_mid_job_gives_exact_result_and_leaves_no_child(
-        cluster, executor_python, tmp_path, lang):
+        cluster, executor_python, tmp_path):
+    """One application, two jobs (Python, then R); an executor is killed during each."""
     mark = tmp_path / "mark"
     mark.mkdir()
     conf = dict(cluster_conf(cluster, executor_python, tmp_path),
                 **{"spark.task.maxFailures": "4"})
-    cfg = {"master": cluster.url, "conf": conf, "mark": str(mark), "lang": lang,
+    cfg = {"master": cluster.url, "conf": conf, "mark": str(mark),
            "rows": ROWS, "partitions": PARTITIONS}
     script = tmp_path / "client.py"
     script.write_text(CLIENT)
@@ -106,11 +107,14 @@ def test_executor_killed_mid_job_gives_exact_result_and_leaves_no_child(
         client = subprocess.Popen([DRIVER_PYTHON, str(script), json.dumps(cfg)],
                                   cwd=str(tmp_path), env=clean_env(PYSPARK_PYTHON=executor_python),
                                   stdout=out, stderr=err)
+    below = set()
     try:
-        jvm, below = _executor_running_a_child(cluster.root, mark, client, err_path)
-        jvm.send_signal(signal.SIGKILL)
-        jvm.wait(10)
-        (mark / "killed").write_text("")
+        for lang in ("python", "r"):
+            jvm, pids = _executor_running_a_child(cluster.root, mark, lang, client, err_path)
+            jvm.send_signal(signal.SIGKILL)
+            jvm.wait(10)
+            below |= pids
+            (mark / f"killed-{lang}").write_text("")
         client.wait(240)
     finally:
         if client.poll() is None:
@@ -120,7 +124,8 @@ def test_executor_killed_mid_job_gives_exact_result_and_leaves_no_child(
     found = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
     assert found, f"client exited {client.returncode}:\n{out[-2000:]}\n" \
                   f"{err_path.read_text()[-4000:]}"
-    assert json.loads(found[-1][len("RESULT "):]) == {"n": ROWS, "exact": True}
+    assert json.loads(found[-1][len("RESULT "):]) == {
+        "python": {"n": ROWS, "exact": True}, "r": {"n": ROWS, "exact": True}}
     end = time.monotonic() + 20
     alive = below
     while alive and time.monotonic() < end:
