@@ -715,7 +715,7 @@ class ChildServer:
         self.proc = subprocess.Popen([RSCRIPT, "--vanilla", CHILD_R], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         self.proc.stdin.write((self.secret + "\n").encode("ascii"))
-        self.proc.stdin.close()
+        self.proc.stdin.flush()        # kept open: as for a Worker, EOF means "Worker gone"
 
     def accept(self) -> Peer:
         conn, _ = self.srv.accept()
@@ -741,6 +741,7 @@ class ChildServer:
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
+            self.proc.stdin.close()        # ends the child's stdin watch
             self.srv.close()
         return rc, self.proc.stdout.read().decode(errors="replace"), self.proc.stderr.read().decode(
             errors="replace")
