@@ -75,8 +75,7 @@ def test_python_and_r_jobs_alternating_keep_their_warm_children(spark):
     jobs = [LANGS["python"](), LANGS["r"]()] * 3
     before = len(spark_log(spark, n=None))
     for f in jobs:
-        # idle_timeout well above one job of the other language on a loaded machine
-        assert spark_apply(df, f, schema="id long", reuse=True, idle_timeout=60).count() == 1000
+        assert spark_apply(df, f, schema="id long", reuse=True, idle_timeout=5).count() == 1000
     lines = _new_lines(spark, before)
     for role in ("PyScript", "RScript"):
         started = [ln for ln in lines if f"started {role}" in ln]
