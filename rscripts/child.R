@@ -65,6 +65,7 @@ local({
   close(stdin_con)
   secret <- if (length(secret)) trimws(secret[1L]) else ""
   if (!nzchar(secret)) die("no secret on the first line of stdin", 2L)
+  wb_watch_parent()
 
   con <- tryCatch(
     socketConnection(host = host, port = port_num, blocking = TRUE, open = "r+b",
@@ -101,6 +102,7 @@ local({
 
   # -- task loop -------------------------------------------------------------
   cache <- new.env(parent = emptyenv())     # closure_hash -> function (warm reuse)
+  baseline <- wb_baseline()
   # WORKERBRIDGE_RPROF=<file>: an Rprof sampling profile of every task (bench/)
   prof <- Sys.getenv("WORKERBRIDGE_RPROF", "")
   dirty <- FALSE
@@ -119,7 +121,9 @@ local({
     if (fr$name != "TASK") die(sprintf("expected TASK or BYE, got %s", fr$name))
     tryCatch({
       if (nzchar(prof)) utils::Rprof(prof, interval = 0.002, append = TRUE)
-      wb_run_task(con, out, wb_decode_json_payload(fr$payload), logs, cache)
+      task <- wb_decode_json_payload(fr$payload)
+      wb_enter_job(baseline, task$job, cache)
+      wb_run_task(con, out, task, logs, cache)
       if (nzchar(prof)) utils::Rprof(NULL)
       out$flush()
       dirty <- TRUE
@@ -130,6 +134,56 @@ local({
   }
   try(close(con), silent = TRUE)
   quit(save = "no", status = 0L)
+}
+
+# What each new job finds in a warm child: the global environment empty (but
+# for .wb), the options, attached packages, working directory and environment
+# variables the child started with, and no closure of another job.  Loaded
+# (not attached) namespaces are kept: loading them again is what reuse saves.
+.wb$wb_baseline <- function() {
+  b <- new.env(parent = emptyenv())
+  b$options <- options()
+  b$search <- search()
+  b$wd <- getwd()
+  b$env <- Sys.getenv()
+  b$job <- NULL
+  b
+}
+
+.wb$wb_enter_job <- function(b, job, cache) {
+  if (identical(job, b$job)) return(invisible(NULL))
+  if (!is.null(b$job)) {
+    rm(list = setdiff(ls(globalenv(), all.names = TRUE), ".wb"), envir = globalenv())
+    for (p in setdiff(search(), b$search)) try(detach(p, character.only = TRUE), silent = TRUE)
+    added <- setdiff(names(options()), names(b$options))
+    try(options(c(b$options, stats::setNames(vector("list", length(added)), added))),
+        silent = TRUE)
+    try(setwd(b$wd), silent = TRUE)
+    Sys.unsetenv(setdiff(names(Sys.getenv()), names(b$env)))
+    if (length(b$env)) do.call(Sys.setenv, as.list(b$env))
+  }
+  rm(list = ls(cache, all.names = TRUE), envir = cache)
+  b$job <- job
+  invisible(NULL)
+}
+
+# R runs a closure on its one thread, so EOF on stdin (the Worker is gone)
+# is watched by a small shell started with pipe(): it inherits our stdin,
+# waits for its end, and then kills us, but only while we are still its
+# parent (so never a process that took our pid after we exited).  It is in
+# our session, so the Worker ends it with us.  Without a shell: no watch
+# (the parent-death signal and the socket's EOF still end us).
+.wb$wb_watch_parent <- function() {
+  if (.Platform$OS.type != "unix" || !nzchar(Sys.which("sh"))) return(invisible(NULL))
+  pid <- Sys.getpid()
+  cmd <- sprintf(paste0("cat >/dev/null; ",
+                        "pp=$(cut -d' ' -f4 /proc/$$/stat 2>/dev/null || ps -o ppid= -p $$); ",
+                        "[ \"$pp\" -eq %d ] 2>/dev/null && kill -KILL %d"), pid, pid)
+  # kept referenced in our own environment: a collected connection is closed,
+  # and closing it would wait for the shell
+  assign("wb_watch_con", tryCatch(pipe(cmd, open = "r"), error = function(e) NULL),
+         envir = parent.env(environment()))
+  invisible(NULL)
 }
 
 # LOG frames, which can be held back: while an Arrow stream is being written
@@ -607,7 +661,8 @@ local({
 # Give the child's functions the child environment as their home.
 local({
   for (nm in c("wb_child_main", "wb_log_channel", "wb_error_payload", "wb_deparse_call", "wb_as_frame", "wb_run_task",
-               "wb_nojit", "wb_traceback", "wb_split_groups", "wb_with_keys", "wb_rbind", "wb_tag"))
+               "wb_nojit", "wb_traceback", "wb_split_groups", "wb_with_keys", "wb_rbind", "wb_tag",
+               "wb_watch_parent", "wb_baseline", "wb_enter_job"))
     environment(.wb[[nm]]) <- .wb
 })
 

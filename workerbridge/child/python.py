@@ -51,6 +51,7 @@ def main() -> int:
     userlog.install(channel.closure_log)
     channel.log(line("connected"))
     closures: dict[str, Any] = {}
+    baseline = Baseline()
     while True:
         try:
             msg_type, payload = P.recv_frame(stream)
@@ -60,7 +61,32 @@ def main() -> int:
             return 0
         if msg_type != P.TASK:
             raise P.ProtocolError(f"expected TASK or BYE, got {P.MESSAGE_NAMES[msg_type]}")
-        run_task(P.decode_json(payload), stream, channel, closures)
+        task = P.decode_json(payload)
+        baseline.enter(task.get("job"), closures)
+        run_task(task, stream, channel, closures)
+
+
+class Baseline:
+    """What each new job finds in a warm child: the working directory, the
+    environment and ``sys.path`` the child started with, and no closure of
+    another job (with the closure go its globals).  Imported modules, and
+    whatever state they hold, are kept: re-importing is what reuse saves."""
+
+    def __init__(self):
+        self.cwd, self.environ, self.path = os.getcwd(), dict(os.environ), list(sys.path)
+        self.job: Optional[str] = None
+
+    def enter(self, job: Optional[str], closures: dict) -> None:
+        if job == self.job:
+            return
+        if self.job is not None:
+            os.chdir(self.cwd)
+            for name in set(os.environ) - set(self.environ):
+                del os.environ[name]
+            os.environ.update(self.environ)
+            sys.path[:] = self.path
+        closures.clear()
+        self.job = job
 
 
 class Channel:

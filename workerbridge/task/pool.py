@@ -33,6 +33,7 @@ class Warm:
     stream: Any                 # io.BufferedReader over the socket
     reader: Any                 # worker._ChildReader
     digest: str = ""            # the closure it has loaded
+    job: str = ""               # the spark_apply it last ran a task of
     tasks: int = 0              # tasks it has run
     idle_since: float = field(default_factory=time.monotonic)
 

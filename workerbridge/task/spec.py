@@ -8,6 +8,7 @@ Does not cover: packing (``driver.closure``) or running (``task.worker``).
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -64,3 +65,6 @@ class TaskSpec:
     gateway: Optional[GatewayAddress] = None
     options: WorkerOptions = WorkerOptions()
     name: Optional[str] = None
+    # One per spark_apply: a warm child that last ran another job resets what a
+    # closure may have left behind (globals, options, cwd, environment) first.
+    job: str = field(default_factory=lambda: secrets.token_hex(8))

@@ -14,13 +14,13 @@ The same code runs on the driver for schema inference (no output schema).
 
 from __future__ import annotations
 
-import hmac
 import io
 import itertools
 import json
 import os
+import re
 import secrets
-import select
+import selectors
 import shutil
 import socket
 import sys
@@ -35,6 +35,7 @@ from ..wire import protocol as P
 from ..wire.errors import R_INSTALL_HINT, ChildDiedError, ClosureError, LimitError, TaskError, TransportError
 from ..wire.lifecycle import language_of, line
 from ..wire.logline import level_of
+from .backend import accept_child, new_selector
 from .conform import conform
 from .logsink import LogSink
 from .pool import POOL, Warm
@@ -45,6 +46,13 @@ POLL_S = 0.2
 CHILD_MODULE = "workerbridge.child.python"   # run with -m; tests match it in a cmdline
 COALESCE_ROWS = 100_000        # input rows joined into one batch for the child
 COALESCE_BYTES = 16 * 2**20    # ... or bytes, whichever comes first
+LOG_FRAME_KEEP = 1 << 20       # a LOG frame above this is read as its head only
+# The Python child is started with -c, not -m: this drops the working
+# directory from the front of sys.path (what -P does, for any Python 3).
+PY_CHILD_MAIN = ("import runpy, sys\n"
+                 "if sys.path[:1] == ['']: del sys.path[0]\n"
+                 "runpy.run_module('" + CHILD_MODULE + "', run_name='__main__', "
+                 "alter_sys=True)\n")
 
 
 R_MIN_VSIZE = 256 * 2**20       # R's vector heap before its first collection
@@ -67,6 +75,14 @@ class _Gone(Exception):
     """Raised inside a read: the child exited."""
 
 
+class _Upstream(Exception):
+    """Raised inside a read: the writer thread's input iterator failed (``error``)."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error = error
+
+
 class _Breach(Exception):
     """Raised inside a read: a limit was breached (``limit``, ``observed``)."""
 
@@ -82,13 +98,20 @@ class _ChildReader(io.RawIOBase):
     def __init__(self, sock: socket.socket, watch):
         self.sock, self.watch = sock, watch
         self._watched = time.monotonic()
+        self._selector = new_selector()
+        self._selector.register(sock, selectors.EVENT_READ)
 
     def readable(self) -> bool:
         return True
 
+    def close(self) -> None:
+        if not self.closed:
+            self._selector.close()
+        super().close()
+
     def readinto(self, buf) -> int:
         while True:
-            ready, _, _ = select.select([self.sock], [], [], POLL_S)
+            ready = self._selector.select(POLL_S)
             now = time.monotonic()
             if ready:
                 # Data first: what a child said before it died still counts.
@@ -155,18 +178,19 @@ class Worker:
                 warm = self._start(argv, env)
             warm.reader.watch = lambda data_ready: self._watch(self._deadline, "timeout", data_ready)
             P.send_json(warm.conn, P.TASK, self._task_json())
-            # A warm child that has this closure already gets an empty CLOSURE frame.
-            P.send_frame(warm.conn, P.CLOSURE,
-                         b"" if warm.digest == self.closure.digest else self.closure.code)
+            # A warm child that has this closure of this job already gets an empty CLOSURE frame.
+            same = warm.digest == self.closure.digest and warm.job == self.spec.job
+            P.send_frame(warm.conn, P.CLOSURE, b"" if same else self.closure.code)
             P.send_frame(warm.conn, P.INPUT)
             writer = threading.Thread(target=self._write_input, args=(warm.conn, first, rest),
                                       name="workerbridge-input", daemon=True)
             writer.start()
             yield from self._read_result(warm.stream)
+            self._check_counts(writer)
             if opts.memory_limit:                 # one last sample: short tasks never wait
                 self.stats["peak_rss"] = max(self.stats.get("peak_rss", 0), tree_rss(self.child.pid))
             writer.join(5.0)
-            warm.digest, warm.tasks = self.closure.digest, warm.tasks + 1
+            warm.digest, warm.job, warm.tasks = self.closure.digest, self.spec.job, warm.tasks + 1
             self.log.write("Worker", line("completed", language=self.language))
             if "peak_rss" in self.stats:
                 self.log.write("Worker", f"peak RSS of the {self.role} process tree "
@@ -179,13 +203,15 @@ class Worker:
                 P.send_frame(warm.conn, P.BYE)
                 self.child.close_stdin()
                 self.child.wait(1.0)
-        except TaskError:
-            raise
         except GeneratorExit:
             raise
         except _Breach as e:
             raise self._limit_error(e) from None
         except BaseException as e:                    # classify what broke
+            if self._writer_error is not None:        # what the child met came from upstream
+                raise self._upstream_error(self._writer_error) from self._writer_error
+            if isinstance(e, TaskError):
+                raise
             raise self._classify(e) from e
         finally:
             if not kept:
@@ -203,7 +229,7 @@ class Worker:
     # ---- steps ------------------------------------------------------------------------
     def _start(self, argv: list, env: dict) -> Warm:
         """A new child, connected and authenticated."""
-        listener = socket.create_server(("127.0.0.1", 0), backlog=4)
+        listener = socket.create_server(("127.0.0.1", 0), backlog=16)
         try:
             secret = secrets.token_hex(P.SECRET_BYTES)
             port = listener.getsockname()[1]
@@ -241,57 +267,68 @@ class Worker:
                 partition=self.partition, language=self.language, role=self.role,
                 hint="pass python= an interpreter that exists on every node and has "
                      "pyarrow, pandas and cloudpickle")
-        env["PYTHONPATH"] = str(root)
+        # The runtime first (it holds only the workerbridge package), then the
+        # user's own PYTHONPATH (env= or the executor's), kept.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
         env.pop("PYTHONSTARTUP", None)
-        return [exe, "-m", CHILD_MODULE], env
+        return [exe, "-c", PY_CHILD_MAIN], env
 
     def _accept(self, listener: socket.socket, secret: str, deadline: float):
-        """The first connection that proves the secret; strangers are refused."""
-        want = secret.encode("ascii")
-        while True:
-            ready, _, _ = select.select([listener], [], [], POLL_S)
-            if not ready:
-                if self.child.poll() is not None:
-                    raise self._died(f"the {self.role} child exited before connecting")
-                if time.monotonic() > deadline:
-                    raise LimitError(
-                        f"{self.role} did not connect within {self.spec.options.connect_timeout:g} s",
-                        exit_code=self.child.poll(), stderr_tail=self.child.stderr_tail(),
-                        partition=self.partition, language=self.language, role=self.role,
-                        hint="the child may be stuck starting up; see its stderr above")
-                continue
-            conn, _ = listener.accept()
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            auth_deadline = min(deadline, time.monotonic() + self.spec.options.auth_timeout)
-            reader = _ChildReader(conn, lambda data_ready: self._watch(auth_deadline, "auth",
-                                                                       data_ready))
-            stream = io.BufferedReader(reader, buffer_size=1 << 20)
-            try:
-                got = P.expect(stream, P.AUTH, P.MAX_AUTH_BYTES)
-                ok = hmac.compare_digest(got, want)
-            except (_Breach, P.ProtocolError, OSError):
-                ok = False
-            except _Gone:
-                conn.close()
-                raise self._died(f"the {self.role} child exited before authenticating") from None
-            if not ok:
+        """The first connection that proves the secret; strangers are refused
+        (``backend.accept_child``: concurrent, a total deadline each, capped)."""
+        refused = []
+
+        def idle() -> None:
+            if self.child.poll() is not None:
+                raise self._died(f"the {self.role} child exited before connecting")
+            if time.monotonic() > deadline:
+                raise LimitError(
+                    f"{self.role} did not connect within {self.spec.options.connect_timeout:g} s",
+                    exit_code=self.child.poll(), stderr_tail=self.child.stderr_tail(),
+                    partition=self.partition, language=self.language, role=self.role,
+                    hint="the child may be stuck starting up; see its stderr above")
+
+        def refuse() -> None:
+            refused.append(1)
+            if len(refused) == 1:
                 self.log.write("Worker", "refused a backend connection without the task's secret",
                                "WARN")
-                conn.close()
-                continue
+
+        conn = accept_child(listener, secret.encode("ascii"), self.spec.options.auth_timeout,
+                            POLL_S, idle, refuse)
+        if len(refused) > 1:
+            self.log.write("Worker", f"refused {len(refused)} backend connections in all", "WARN")
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return self._hello(conn, min(deadline, time.monotonic() + self.spec.options.auth_timeout))
+
+    def _hello(self, conn: socket.socket, deadline: float):
+        """HELLO from the authenticated child (by ``deadline``), then WELCOME."""
+        reader = _ChildReader(conn, lambda data_ready: self._watch(deadline, "auth", data_ready))
+        stream = io.BufferedReader(reader, buffer_size=1 << 20)
+        try:
             hello = P.decode_json(P.expect(stream, P.HELLO, P.MAX_AUTH_BYTES))
-            if hello.get("protocol") != P.PROTOCOL_VERSION:
-                conn.close()
-                raise TransportError(
-                    f"{self.role} speaks protocol {hello.get('protocol')}, this Worker "
-                    f"{P.PROTOCOL_VERSION}", partition=self.partition, language=self.language,
-                    role=self.role, hint="driver and executors run different workerbridge versions")
-            P.send_json(conn, P.WELCOME, {"protocol": P.PROTOCOL_VERSION})
-            self.stats["child_pid"] = hello.get("pid")
-            return conn, stream             # the task's watch replaces the auth one in _run
+        except _Gone:
+            P.close_quietly(stream, conn)
+            raise self._died(f"the {self.role} child exited before its HELLO") from None
+        except (_Breach, P.ProtocolError, OSError) as e:
+            P.close_quietly(stream, conn)
+            raise TransportError(
+                f"{self.role} proved the secret but sent no valid HELLO: {e}",
+                partition=self.partition, language=self.language, role=self.role,
+                detail="stderr tail:\n" + self.child.stderr_tail(),
+                hint="the child's interpreter may run another workerbridge; see its stderr") from None
+        if hello.get("protocol") != P.PROTOCOL_VERSION:
+            P.close_quietly(stream, conn)
+            raise TransportError(
+                f"{self.role} speaks protocol {hello.get('protocol')}, this Worker "
+                f"{P.PROTOCOL_VERSION}", partition=self.partition, language=self.language,
+                role=self.role, hint="driver and executors run different workerbridge versions")
+        P.send_json(conn, P.WELCOME, {"protocol": P.PROTOCOL_VERSION})
+        self.stats["child_pid"] = hello.get("pid")
+        return conn, stream             # the task's watch replaces the auth one in _run
 
     def _task_json(self) -> dict:
-        msg = {"partition": self.partition, "task_id": str(self.task_id),
+        msg = {"partition": self.partition, "task_id": str(self.task_id), "job": self.spec.job,
                "closure_hash": self.closure.digest, "options": self.closure.options}
         if self.closure.context_json is not None:
             msg["context"] = json.loads(self.closure.context_json)
@@ -300,17 +337,28 @@ class Worker:
 
     def _write_input(self, conn: socket.socket, first: pa.RecordBatch,
                      rest: Iterator[pa.RecordBatch]) -> None:
-        """Writer thread: the partition's rows as one Arrow stream.  Never raises."""
+        """Writer thread: the partition's rows as one Arrow stream.  Never raises.
+
+        The end-of-stream marker is written only after the last batch: when the
+        input fails upstream the stream is cut (nothing more is sent, the write
+        side is shut), so the child can never take part of a partition for all
+        of it; the reader sees the stored error within POLL_S."""
         rows = 0
+        sink = _SocketSink(conn)
         try:
-            sink = _SocketSink(conn)
-            with pa.ipc.new_stream(sink, first.schema) as w:
-                for batch in self._input_batches(first, rest):
-                    w.write_batch(batch)
-                    rows += batch.num_rows
+            w = pa.ipc.new_stream(sink, first.schema)
+            for batch in self._input_batches(first, rest):
+                w.write_batch(batch)
+                rows += batch.num_rows
+            w.close()
             self.stats["rows_sent"] = rows
         except BaseException as e:                  # noqa: BLE001 - stored, re-raised by the reader
+            sink.cut()
             self._writer_error = e
+            try:
+                conn.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
 
     def _input_batches(self, first: pa.RecordBatch,
                        rest: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -338,12 +386,12 @@ class Worker:
         lang = language_of(self.closure.language)
         allowed = {lang.role, lang.closure_role}
         while True:
-            msg_type, payload = P.recv_frame(stream)
+            msg_type, length = P.recv_header(stream)
             if msg_type == P.LOG:
-                rec = P.decode_json(payload)
-                role = rec.get("role") if rec.get("role") in allowed else self.role
-                self.log.write(role, str(rec.get("message", "")), level_of(rec.get("level")))
-            elif msg_type == P.ERROR:
+                self._child_log(stream, length, allowed)
+                continue
+            payload = P.read_exact(stream, length) if length else b""
+            if msg_type == P.ERROR:
                 raise self._closure_error(P.decode_json(payload))
             elif msg_type == P.OUTPUT:
                 rows = 0
@@ -351,14 +399,39 @@ class Worker:
                 for batch in reader:
                     rows += batch.num_rows
                     yield self._conform(batch)
-                self.stats["rows_out"] = rows
+                self.stats["rows_read"] = self.stats.get("rows_read", 0) + rows
             elif msg_type == P.DONE:
                 self.stats.update(P.decode_json(payload))
-                if self._writer_error is not None:
-                    raise self._writer_error
                 return
             else:
                 raise P.ProtocolError(f"unexpected {P.MESSAGE_NAMES[msg_type]} from {self.role}")
+
+    def _child_log(self, stream: io.BufferedReader, length: int, allowed: set) -> None:
+        """One LOG frame as a line, its message capped (``P.cap_line``); a frame
+        above LOG_FRAME_KEEP is read as its head only, the rest skipped unkept."""
+        head = P.read_exact(stream, min(length, LOG_FRAME_KEEP)) if length else b""
+        P.skip(stream, length - len(head))
+        whole = len(head) == length
+        rec = P.decode_json(head) if whole else _partial_log_record(head)
+        role = rec.get("role") if rec.get("role") in allowed else self.role
+        self.log.write(role, P.cap_line(str(rec.get("message", "")), None if whole else length),
+                       level_of(rec.get("level")))
+
+    def _check_counts(self, writer: threading.Thread) -> None:
+        """After DONE: the child took every row sent and the Worker read every
+        row it returned; else the task fails (Spark retries it), never short."""
+        writer.join(5.0)
+        if self._writer_error is not None:
+            raise _Upstream(self._writer_error)
+        sent, took = self.stats.get("rows_sent"), self.stats.get("rows_in")
+        made, read = self.stats.get("rows_out"), self.stats.get("rows_read", 0)
+        if writer.is_alive() or sent != took or (made is not None and made != read):
+            raise TransportError(
+                f"row counts disagree: the Worker sent {sent} rows and {self.role} took {took}; "
+                f"{self.role} returned {made} and the Worker read {read}",
+                partition=self.partition, language=self.language, role=self.role,
+                hint="rows were lost between the Worker and its child; the task fails so "
+                     "that Spark can retry it")
 
     # ---- results -------------------------------------------------------------------------
     def _conform(self, batch: pa.RecordBatch) -> pa.RecordBatch:
@@ -404,7 +477,10 @@ class Worker:
                  "(a segfault, out of memory, or os._exit/quit() in the closure)")
 
     def _watch(self, deadline: Optional[float], what: str, data_ready: bool) -> None:
-        """Called while a read waits: raise if the child died or a limit is breached."""
+        """Called while a read waits: raise if the input failed upstream, the
+        child died or a limit is breached."""
+        if self._writer_error is not None:
+            raise _Upstream(self._writer_error)
         if not data_ready and self.child.poll() is not None:
             raise _Gone(f"the child exited ({exit_name(self.child.returncode)})")
         now = time.monotonic()
@@ -420,6 +496,13 @@ class Worker:
             if rss > limit:
                 raise _Breach(f"memory_limit of {format_bytes(limit)}",
                               f"the child's process tree used {format_bytes(rss)}")
+
+    def _upstream_error(self, error: BaseException) -> TaskError:
+        return TaskError(
+            f"the partition's input failed upstream: {type(error).__name__}: {error}",
+            partition=self.partition, language=self.language, role=self.role,
+            hint="the error is in what feeds spark_apply (the source or an earlier step), "
+                 "not in the closure; the child got no end of input, so no partial result")
 
     def _limit_error(self, e: _Breach) -> LimitError:
         self.log.write("Worker", f"{e.limit} breached ({e.observed}); ending {self.role}", "ERROR")
@@ -444,6 +527,17 @@ class Worker:
             hint="the child sent something that is not the protocol; see its stderr")
 
 
+def _partial_log_record(head: bytes) -> dict:
+    """Level, role and the start of the message from the head of a LOG frame's
+    JSON too long to keep whole (JSON escapes in the message are left as they are)."""
+    text = head.decode("utf-8", "ignore")
+    rec = {k: m.group(1) for k in ("level", "role")
+           if (m := re.search(rf'"{k}"\s*:\s*"(\w+)"', text))}
+    m = re.search(r'"message"\s*:\s*"', text)
+    rec["message"] = text[m.end():] if m else text
+    return rec
+
+
 def _joined(batches: list) -> pa.RecordBatch:
     if len(batches) == 1:
         return batches[0]
@@ -456,9 +550,15 @@ class _SocketSink:
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self.closed = False
+        self._cut = False
+
+    def cut(self) -> None:
+        """Send nothing more, whatever the writer still flushes (no end marker)."""
+        self._cut = True
 
     def write(self, data) -> int:
-        self.sock.sendall(data)
+        if not self._cut:
+            self.sock.sendall(data)
         return len(data)
 
     def flush(self) -> None:
