@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Union
 
 import cloudpickle
 
-from . import __version__, _bootstrap
+from . import __version__, _bootstrap, ship_python, shipping
 from .closure import R, R_LANG, pack
 from .errors import BadInputError
 from .gateway import Gateway
@@ -60,6 +60,8 @@ OPTIONS: dict[str, tuple[Any, Optional[str]]] = {
     "batch_mode": ("partition", "batchMode"),
     "reuse": (True, "reuse"),
     "idle_timeout": (60.0, "idleTimeout"),
+    "python_env": (None, None),
+    "ship": (True, "ship"),
 }
 UNIT_COLUMNS = ("__wb_partition", "__wb_unit")
 
@@ -106,13 +108,24 @@ def spark_apply(df, f: Union[Callable, R], schema: Any = None, **options: Any):
         raise BadInputError("barrier=True cannot be combined with group_by=")
     if opts["name"] is not None and not isinstance(opts["name"], str):
         raise BadInputError("name= must be a string")
+    packages = _packages(opts["packages"])
     child_options = {"input": opts["input"], "int64": opts["int64"],
                      "partition_index_param": opts["partition_index_param"],
-                     "packages": _packages(opts["packages"]), "group_by": group_by,
+                     "packages": [] if packages is True else packages, "group_by": group_by,
                      "batch_mode": opts["batch_mode"]}
     if isinstance(f, R):
         f.check_syntax(opts["rscript"])
-    closure = pack(f, opts["context"], child_options)
+    gateway = _gateway(spark)
+    opts.update(packages=packages, ship=_flag("ship", opts["ship"]))
+    shipped = shipping.plan(spark, _session_key(spark), gateway,
+                            f.source if isinstance(f, R) else None, opts)
+    child_options.update(shipped.child_options)
+    with ship_python.by_value(opts["ship"] and not isinstance(f, R)) as local:
+        closure = pack(f, opts["context"], child_options)
+    if local:
+        used = ship_python.used_modules(f, local)
+        if used:
+            gateway.log(f"closure carries local modules by value: {', '.join(used)}")
     worker_options = WorkerOptions(
         python=opts["python"], rscript=opts["rscript"],
         connect_timeout=float(opts["connect_timeout"]),
@@ -120,13 +133,13 @@ def spark_apply(df, f: Union[Callable, R], schema: Any = None, **options: Any):
         memory_limit=_memory_limit(opts["memory_limit"]),
         reuse=_flag("reuse", opts["reuse"]), idle_timeout=float(opts["idle_timeout"]),
         env=dict(opts["env"] or {}))
-    gateway = _gateway(spark)
     from .progress import attach as _attach_progress
     _attach_progress(gateway, spark, opts["progress"])
     runtime = Runtime.collect(with_r=closure.language == R_LANG)
     name = opts["name"]
     if schema is None:
-        base = TaskSpec(closure, runtime, None, gateway.address, worker_options, name)
+        base = TaskSpec(closure, runtime, None, gateway.address, worker_options, name,
+                        shipped.artifacts)
         struct = _infer(df, base, int(opts["sample_rows"]))
     else:
         struct = to_struct(spark, schema)
@@ -141,7 +154,7 @@ def spark_apply(df, f: Union[Callable, R], schema: Any = None, **options: Any):
     # inside it names only their digest.
     spec = TaskSpec(closure, Runtime({}, runtime.digest),
                     spark_arrow_schema(struct, large == "true"), gateway.address,
-                    worker_options, name)
+                    worker_options, name, shipped.artifacts)
     task = _bootstrap.make_task(runtime.blob(), runtime.digest, __version__,
                                 cloudpickle.dumps(spec), opts["barrier"])
     if name:
@@ -239,9 +252,12 @@ def _memory_limit(value) -> Optional[int]:
         raise BadInputError(f"memory_limit= {e}") from None
 
 
-def _packages(packages) -> list:
-    if packages is None:
+def _packages(packages) -> Union[list, bool]:
+    """R package names, or True: ship what the closure's code loads."""
+    if packages is None or packages is False:
         return []
+    if packages is True:
+        return True
     pkgs = [packages] if isinstance(packages, str) else list(packages)
     if not all(isinstance(p, str) and p for p in pkgs):
         raise BadInputError("packages= takes a list of R package names")

@@ -17,7 +17,7 @@ from pathlib import Path
 from ._bootstrap import materialize, pack_files
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-R_FILES = ("protocol.R", "arrow_ipc.R", "child.R")
+R_FILES = ("protocol.R", "arrow_ipc.R", "shipped.R", "child.R")
 
 
 def r_scripts_dir() -> Path:

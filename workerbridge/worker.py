@@ -32,6 +32,7 @@ from typing import Iterable, Iterator, Optional
 import pyarrow as pa
 
 from . import protocol as P
+from .artifacts import PYTHON_ENV, R_PACKAGES, ShipError, describe, env_python, finish_env, unpack
 from .closure import R_LANG, Closure
 from .errors import ChildDiedError, ClosureError, LimitError, TaskError, TransportError
 from .logs import GatewayAddress, LogSink
@@ -67,6 +68,7 @@ class TaskSpec:
     gateway: Optional[GatewayAddress] = None
     options: WorkerOptions = WorkerOptions()
     name: Optional[str] = None
+    ship: tuple = ()                     # artifacts.Artifact: R packages, a Python env
 
 
 R_MIN_VSIZE = 256 * 2**20       # R's vector heap before its first collection
@@ -139,6 +141,7 @@ class Worker:
         self.child: Optional[Child] = None
         self.stats: dict = {}
         self._writer_error: Optional[BaseException] = None
+        self.shipped: dict = {}              # artifact kind -> its unpacked directory
 
     # ---- the task -----------------------------------------------------------------
     def run(self, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -161,6 +164,7 @@ class Worker:
         opts = self.spec.options
         self._started = time.monotonic()
         self._deadline = self._started + opts.timeout if opts.timeout else None
+        self._unpack_shipped()
         argv, env = self._command()
         key = (tuple(argv), tuple(sorted(opts.env.items())), self.spec.runtime.digest)
         warm: Optional[Warm] = None
@@ -238,6 +242,20 @@ class Worker:
         finally:
             listener.close()                      # a second connection is refused
 
+    def _unpack_shipped(self) -> None:
+        """Each shipped archive unpacked on this host (once per digest, under a lock)."""
+        for art in self.spec.ship:
+            try:
+                got = unpack(art, after=finish_env if art.kind == PYTHON_ENV else None)
+            except (ShipError, OSError) as e:
+                raise TaskError(
+                    f"cannot use the shipped {art.label or art.name}: {e}",
+                    partition=self.partition, language=self.language, role=self.role,
+                    hint="the archive travels with Spark's addFile; see the executor's log, "
+                         "or pass ship=False and install the packages on every node") from None
+            self.shipped[art.kind] = got.path
+            self.log.write("Worker", describe(art, got))
+
     def _command(self) -> tuple[list, dict]:
         """The child's argv and environment (without the port)."""
         opts = self.spec.options
@@ -255,7 +273,8 @@ class Worker:
             heap = [] if self.closure.options.get("batch_mode") == "batch" \
                 or "R_VSIZE" in env else r_heap_args(opts.memory_limit)
             return [exe, "--vanilla", *heap, str(root / "rscripts" / "child.R")], env
-        exe = opts.python or sys.executable
+        exe = env_python(self.shipped[PYTHON_ENV]) if PYTHON_ENV in self.shipped \
+            else opts.python or sys.executable
         if shutil.which(exe) is None:
             raise ChildDiedError(
                 f"Python interpreter not found: {exe!r}", exit_code=None, stderr_tail="",
@@ -316,6 +335,8 @@ class Worker:
                "closure_hash": self.closure.digest, "options": self.closure.options}
         if self.closure.context_json is not None:
             msg["context"] = json.loads(self.closure.context_json)
+        if R_PACKAGES in self.shipped:
+            msg["r_lib"] = self.shipped[R_PACKAGES]
         msg.update(self.extra)
         return msg
 

@@ -1,0 +1,117 @@
+"""R packages from the driver's library, bundled for executors that lack them.
+
+Covers, on the driver: asking the driver's ``Rscript`` (``rscripts/deps.R``)
+which of the named packages (and, for ``packages=True``, the ones the
+closure's code loads with ``library()``/``require()``/``pkg::``) its library
+has, with their recursive non-base dependencies; and packing them into one
+``.tar.gz`` per content hash in a private cache directory, laid out as
+``<pkg>/<pkg>/...`` so that each package is a library directory of its own
+(the child puts only those the node lacks, or has in another version, in
+front of ``.libPaths()``).  Does not cover: distributing the file
+(``shipping``), unpacking it (``artifacts``), choosing what to load on the
+node (``rscripts/child.R``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .artifacts import R_PACKAGES, Artifact, private_dir
+from .errors import BadInputError
+from .runtime import r_scripts_dir
+from .supervise import format_bytes
+
+
+@dataclass(frozen=True)
+class RPackage:
+    name: str
+    version: str
+    lib: str                  # the driver's library directory holding it
+    compiled: bool
+
+    @property
+    def path(self) -> Path:
+        return Path(self.lib) / self.name
+
+
+def resolve(rscript: str, names: list, source: Optional[str]) -> tuple[list, list]:
+    """(packages to ship, names the driver's library lacks).
+
+    ``source`` is the closure's R code to scan (``packages=True``), or None."""
+    exe = shutil.which(rscript)
+    if exe is None:
+        raise BadInputError(f"Rscript not found as {rscript!r} on the driver")
+    argv = [exe, "--vanilla", str(r_scripts_dir() / "deps.R")]
+    argv += (["--scan"] if source is not None else []) + list(names)
+    try:
+        out = subprocess.run(argv, input=(source or "").encode("utf-8"), capture_output=True,
+                             timeout=120)
+    except subprocess.TimeoutExpired:
+        raise BadInputError("finding the R packages to ship took over 120 s") from None
+    if out.returncode != 0:
+        raise BadInputError("could not find the R packages to ship with the driver's R: "
+                            + out.stderr.decode("utf-8", "replace")[-1500:])
+    found, missing = [], []
+    for line in out.stdout.decode("utf-8", "replace").splitlines():
+        cols = line.split("\t")
+        if cols[0] == "PKG" and len(cols) == 5:
+            found.append(RPackage(cols[1], cols[2], cols[3], cols[4] == "TRUE"))
+        elif cols[0] == "MISSING" and len(cols) == 2:
+            missing.append(cols[1])
+    return found, missing
+
+
+def content_digest(packages: list) -> str:
+    """A hash of every file of every package (path, mode's exec bit, bytes)."""
+    h = hashlib.sha256()
+    for pkg in sorted(packages, key=lambda p: p.name):
+        h.update(f"{pkg.name}\0{pkg.version}\0".encode())
+        for path in sorted(p for p in pkg.path.rglob("*") if p.is_file() or p.is_symlink()):
+            rel = path.relative_to(pkg.path).as_posix()
+            if path.is_symlink():
+                h.update(f"L{rel}\0{os.readlink(path)}\0".encode())
+                continue
+            h.update(f"F{rel}\0{os.access(path, os.X_OK):d}\0".encode())
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()[:24]
+
+
+def bundle(packages: list, cache: Optional[str] = None) -> Artifact:
+    """The packages as one archive, written once per content hash."""
+    digest = content_digest(packages)
+    top = private_dir(os.path.join(cache or tempfile.gettempdir(),
+                                   f"workerbridge-ship-{os.getuid()}"))
+    path = os.path.join(top, f"wb-{R_PACKAGES}-{digest}.tar.gz")
+    if not os.path.isfile(path):
+        fd, staging = tempfile.mkstemp(prefix=".rlib-", suffix=".tar.gz", dir=top)
+        os.close(fd)
+        with tarfile.open(staging, "w:gz", compresslevel=6) as tar:
+            for pkg in packages:
+                tar.add(str(pkg.path), arcname=f"{pkg.name}/{pkg.name}")
+        os.replace(staging, path)
+    sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    size = os.path.getsize(path)
+    label = "R packages " + ", ".join(f"{p.name} {p.version}" for p in packages)
+    return Artifact(R_PACKAGES, os.path.basename(path), digest, sha, size, path, label)
+
+
+def child_option(packages: list) -> dict:
+    """What the R child needs to know of the shipped packages (parallel lists)."""
+    return {"name": [p.name for p in packages], "version": [p.version for p in packages],
+            "compiled": [p.compiled for p in packages]}
+
+
+def summary(artifact: Artifact, missing: list) -> str:
+    text = f"shipping {artifact.label} ({format_bytes(artifact.size)}) as {artifact.name}"
+    if missing:
+        text += (f"; not in the driver's R library, so not shipped: {', '.join(missing)} "
+                 "(the nodes must have them)")
+    return text
