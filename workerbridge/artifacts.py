@@ -35,6 +35,9 @@ from .supervise import format_bytes
 
 R_PACKAGES = "rlib"
 PYTHON_ENV = "pyenv"
+# Shipped archives are gzipped tars, but never named .tar.gz/.tgz: Spark's addFile
+# would untar those into every executor's working directory as well.
+SUFFIX = "wbship"
 
 
 class ShipError(Exception):

@@ -26,7 +26,7 @@ from typing import Iterator
 
 import cloudpickle
 
-from .artifacts import PYTHON_ENV, Artifact, private_dir
+from .artifacts import PYTHON_ENV, SUFFIX, Artifact, private_dir
 from .errors import BadInputError
 
 OWN_PACKAGES = ("workerbridge", "pyspark", "py4j")
@@ -51,7 +51,7 @@ def env_artifact(path: str, cache: str | None = None) -> Artifact:
     sha = h.hexdigest()
     top = private_dir(os.path.join(cache or tempfile.gettempdir(),
                                    f"workerbridge-ship-{os.getuid()}"))
-    name = f"wb-{PYTHON_ENV}-{sha[:24]}.tar.gz"
+    name = f"wb-{PYTHON_ENV}-{sha[:24]}.{SUFFIX}"
     copy = os.path.join(top, name)
     if not os.path.isfile(copy):
         staging = copy + f".tmp-{os.getpid()}"

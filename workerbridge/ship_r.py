@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .artifacts import R_PACKAGES, Artifact, private_dir
+from .artifacts import R_PACKAGES, SUFFIX, Artifact, private_dir
 from .errors import BadInputError
 from .runtime import r_scripts_dir
 from .supervise import format_bytes
@@ -89,9 +89,9 @@ def bundle(packages: list, cache: Optional[str] = None) -> Artifact:
     digest = content_digest(packages)
     top = private_dir(os.path.join(cache or tempfile.gettempdir(),
                                    f"workerbridge-ship-{os.getuid()}"))
-    path = os.path.join(top, f"wb-{R_PACKAGES}-{digest}.tar.gz")
+    path = os.path.join(top, f"wb-{R_PACKAGES}-{digest}.{SUFFIX}")
     if not os.path.isfile(path):
-        fd, staging = tempfile.mkstemp(prefix=".rlib-", suffix=".tar.gz", dir=top)
+        fd, staging = tempfile.mkstemp(prefix=".rlib-", suffix=f".{SUFFIX}", dir=top)
         os.close(fd)
         with tarfile.open(staging, "w:gz", compresslevel=6) as tar:
             for pkg in packages:
