@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from .logs import SHIP_REUSED, SHIP_UNPACKED
 from .supervise import format_bytes
 
 R_PACKAGES = "rlib"
@@ -176,8 +177,9 @@ def describe(artifact: Artifact, got: Unpacked) -> str:
     """One log line: what was shipped, its size, and whether this copy was reused."""
     what = artifact.label or artifact.name
     if got.reused:
-        return f"reused the unpacked {what} ({format_bytes(artifact.size)}) at {got.path}"
-    return (f"unpacked the shipped {what} ({format_bytes(artifact.size)}, from {got.source}) "
+        return (f"{SHIP_REUSED}{what} ({format_bytes(artifact.size)}) at {got.path} "
+                f"after {got.seconds:.2f} s")
+    return (f"{SHIP_UNPACKED}{what} ({format_bytes(artifact.size)}, from {got.source}) "
             f"in {got.seconds:.2f} s into {got.path}")
 
 

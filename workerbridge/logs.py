@@ -25,6 +25,9 @@ from . import protocol as P
 
 ROLES = ("Gateway", "Worker", "PyScript", "RScript", "PyClosure", "RClosure")
 LEVELS = ("DEBUG", "INFO", "WARN", "ERROR")
+# How a Worker's lines about a shipped archive begin (the progress line counts them).
+SHIP_UNPACKED = "unpacked the shipped "
+SHIP_REUSED = "reused the unpacked "
 
 LINE_RE = re.compile(
     r"^(?P<date>\d{2}/\d{2}/\d{2}) (?P<time>\d{2}:\d{2}:\d{2}) (?P<level>DEBUG|INFO|WARN|ERROR) "

@@ -31,7 +31,7 @@ import time
 import weakref
 from typing import Callable, Optional
 
-from .logs import parse_line
+from .logs import SHIP_REUSED, SHIP_UNPACKED, parse_line
 from .timeline import _COMPLETED, _EMPTY, _RETRIEVED, _RETURNED, _START, SCRIPT_ROLES
 
 BACKENDS = ("auto", "rich", "tqdm", "plain")
@@ -44,6 +44,7 @@ class _Run:
         self.started = self.done = self.rows_in = self.rows_out = 0
         self.failed: set = set()
         self.incomplete = 0
+        self.unpacked = self.reused = 0      # shipped archives: unpacked here / a copy reused
 
     @property
     def running(self) -> int:
@@ -56,8 +57,10 @@ class _Run:
             head = f"[{'#' * filled}{'-' * (width - filled)}] {self.done}/{self.total} partitions"
         else:
             head = f"{self.done} partitions done, {self.running} running"
+        shipped = f" | shipped: {self.unpacked} unpacked, {self.reused} reused" \
+            if self.unpacked or self.reused else ""
         return (f"workerbridge {head} | rows {self.rows_in} in, {self.rows_out} out | "
-                f"{failed} failed | {time.monotonic() - self.began:.1f} s")
+                f"{failed} failed{shipped} | {time.monotonic() - self.began:.1f} s")
 
 
 class _Plain:
@@ -186,6 +189,10 @@ class Progress:
                 return
             elif role == "Worker" and _COMPLETED.match(msg):
                 run.done += 1
+            elif role == "Worker" and msg.startswith(SHIP_UNPACKED):
+                run.unpacked += 1
+            elif role == "Worker" and msg.startswith(SHIP_REUSED):
+                run.reused += 1
             elif role in SCRIPT_ROLES and _RETRIEVED.match(msg):
                 run.rows_in += int(_RETRIEVED.match(msg).group(1))
             elif role in SCRIPT_ROLES and _RETURNED.match(msg):
