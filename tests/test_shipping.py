@@ -14,6 +14,7 @@ platform refused, and a matching version on the node used as it is.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -21,8 +22,10 @@ import subprocess
 import sys
 import sysconfig
 import tarfile
+import tempfile
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from test_cluster import cluster, executor_python  # noqa: F401 - fixtures, shared
@@ -31,7 +34,11 @@ from test_progress import FakeTTY, last_line
 
 from workerbridge import R, progress, spark_apply, spark_log
 from workerbridge.artifacts import Artifact, ShipError, unpack
-from workerbridge.errors import BadInputError
+from workerbridge.closure import pack
+from workerbridge.errors import BadInputError, TaskError
+from workerbridge.gateway import Gateway
+from workerbridge.runtime import Runtime
+from workerbridge.worker import TaskSpec, Worker, WorkerOptions
 from workerbridge.ship_r import resolve
 
 ROWS = 2_000
@@ -89,7 +96,7 @@ cfg = json.loads(sys.argv[1])
 sys.path.insert(0, cfg["module_dir"])
 import shiputil                                  # driver-only: beside the driver's script
 from pyspark.sql import SparkSession
-from workerbridge import R, progress, spark_apply, spark_log
+from workerbridge import R, spark_apply, spark_log
 b = SparkSession.builder.master(cfg["master"]).appName("workerbridge-shipping-test")
 for k, v in cfg["conf"].items():
     b = b.config(k, v)
@@ -231,7 +238,6 @@ def _archive(tmp_path: Path, mb: int = 24) -> Artifact:
     path = tmp_path / "a.tar.gz"
     with tarfile.open(path, "w:gz", compresslevel=1) as tar:
         tar.add(str(data / "d"), arcname="d")
-    import hashlib
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     return Artifact("test", path.name, sha[:16], sha, path.stat().st_size, str(path))
 
@@ -275,7 +281,6 @@ def test_two_processes_unpack_at_once_one_does_the_work(tmp_path):
 @pytest.fixture
 def open_dir():
     """A directory like /tmp (1777) that another user can reach: pytest's own are 0700."""
-    import tempfile
     path = Path(tempfile.mkdtemp(prefix="wb-ship-test-"))
     os.chmod(path, 0o1777)
     yield path
@@ -384,3 +389,30 @@ def test_python_env_and_python_together_is_refused(spark, tmp_path):
         spark_apply(df, lambda d: d, schema="id long", python_env=str(env), python="python3")
     with pytest.raises(BadInputError, match="no such file"):
         spark_apply(df, lambda d: d, schema="id long", python_env=str(tmp_path / "none.tar.gz"))
+
+
+def test_worker_names_a_shipped_archive_it_cannot_use(tmp_path, monkeypatch):
+    """The Worker as a task runs it: an archive changed after shipping, and one that is
+    no archive at all, fail the task with the partition, the language and a hint."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))     # the ship base: ours alone
+    good = _archive(tmp_path, mb=1)
+    junk = tmp_path / "junk.wbship"
+    junk.write_bytes(b"not a tar file")
+    sha = hashlib.sha256(junk.read_bytes()).hexdigest()
+    cases = {
+        "does not match the driver's archive": Artifact(good.kind, good.name, good.digest,
+                                                        "0" * 64, good.size, good.driver_path),
+        "cannot be unpacked": Artifact("test", junk.name, sha[:16], sha, 14, str(junk)),
+    }
+    gw = Gateway(log_path=None)
+    try:
+        for words, art in cases.items():
+            spec = TaskSpec(pack(lambda d: d), Runtime.collect(False), None, gw.address,
+                            WorkerOptions(), None, (art,))
+            with pytest.raises(TaskError) as err:
+                list(Worker(spec, 3, "ship").run(pa.table({"x": [1, 2]}).to_batches()))
+            text = str(err.value)
+            assert "PyScript (Python) failed in partition 3: cannot use the shipped" in text
+            assert words in text and "Hint:" in text, text
+    finally:
+        gw.stop()

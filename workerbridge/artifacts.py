@@ -143,6 +143,9 @@ def unpack(artifact: Artifact, base: Optional[str] = None,
                 tar.extractall(staging, filter="tar")  # no member outside, no setuid bits
             os.chmod(staging, 0o700)
             os.rename(staging, final)
+        except tarfile.TarError as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise ShipError(f"{archive} cannot be unpacked: {e}") from None
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
