@@ -12,7 +12,10 @@ three calls of an R closure over 20k rows in 2 partitions:
   packs it, Spark distributes it (``addFile``), both tasks meet it unpacked nowhere;
   one unpacks it under the lock, the other waits and reuses it;
 * warm: the same bundle again: both tasks reuse the unpacked copy;
-* none: the same closure without ``packages=`` (nothing shipped).
+* none: ``ship=False``: the node's own (older) copies are loaded, nothing shipped.
+
+Each call loads the packages in the child (``library()``), so the differences are
+the cost of shipping.
 
 Prints the medians and the Workers' own unpack / reuse times, and writes JSON to
 bench/results/.  The machine's other load shows in the numbers: run it alone.
@@ -78,13 +81,14 @@ def main() -> None:
         lines = spark_log(spark, n=None)[before:]
         return wall, lines
 
+
     timed()                                      # warm-up: JVM, children
     walls = {"cold": [], "warm": [], "none": []}
-    unpack_s, reuse_s, size = [], [], ""
+    unpack_s, reuse_s, prepare_s, size = [], [], [], ""
     for k in range(args.rounds):
         (lib / names[0] / f"round-{k}").write_text(str(k))      # new content: a new bundle
         for kind, opts in (("cold", {"packages": names}), ("warm", {"packages": names}),
-                           ("none", {})):
+                           ("none", {"packages": names, "ship": False})):
             wall, lines = timed(**opts)
             walls[kind].append(wall)
             for ln in lines:
@@ -92,18 +96,24 @@ def main() -> None:
                 if m:
                     size = m.group(1)
                     unpack_s.append(float(m.group(2)))
+                m = re.search(r"shipping R packages .* prepared in ([\d.]+) s", ln)
+                if m:
+                    prepare_s.append((kind, float(m.group(1))))
                 m = re.search(r"reused the unpacked .* after ([\d.]+) s", ln)
                 if m and kind == "warm":
                     reuse_s.append(float(m.group(1)))
     spark.stop()
     med = {k: round(statistics.median(v), 3) for k, v in walls.items()}
     out = {"packages": names, "bundle": size, "rounds": args.rounds, "median_s": med,
-           "walls": walls, "unpack_s": unpack_s, "reuse_wait_s": reuse_s}
+           "walls": walls, "unpack_s": unpack_s, "reuse_wait_s": reuse_s,
+           "driver_prepare_s": prepare_s}
     print(json.dumps(out, indent=1))
     print(f"bundle {size}: cold {med['cold']} s, warm {med['warm']} s, nothing shipped "
           f"{med['none']} s per call (median of {args.rounds}); the Worker that unpacked: "
           f"median {statistics.median(unpack_s):.2f} s; a warm reuse: median "
-          f"{statistics.median(reuse_s) * 1000:.1f} ms")
+          f"{statistics.median(reuse_s) * 1000:.1f} ms; the driver prepared the bundle in "
+          f"{statistics.median(s for k, s in prepare_s if k == 'cold'):.2f} s (cold), "
+          f"{statistics.median(s for k, s in prepare_s if k == 'warm'):.2f} s (warm)")
     results = HERE / "results"
     results.mkdir(exist_ok=True)
     (results / f"ship-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(out))

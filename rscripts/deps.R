@@ -7,7 +7,7 @@
 # Depends/Imports, without R's base packages.  Does not cover: packing or
 # shipping them (workerbridge/ship_r.py).
 #
-# Usage: Rscript --vanilla deps.R [--scan] name ...   (with --scan: R source on stdin)
+# Usage: Rscript deps.R [--scan] name ...   (with --scan: R source on stdin)
 # Prints one tab-separated line per package:
 #   PKG  name  version  library-path  compiled(TRUE/FALSE)
 #   MISSING  name            (named or found, but not in the driver's library)

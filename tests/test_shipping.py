@@ -381,6 +381,22 @@ def test_matching_version_on_the_node_is_used_as_it_is(spark, tmp_path, monkeypa
         ("shipped: 1 unpacked, 0 reused" in final or "shipped: 0 unpacked, 1 reused" in final), final
 
 
+def test_local_module_travels_by_value(spark, tmp_path, monkeypatch):
+    """A module only this process can import (the children's path lacks tmp_path)."""
+    (tmp_path / "wb_local_helper.py").write_text(
+        "OFFSET = 7\n\ndef add(d):\n    return d.assign(y=d.id + OFFSET)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import wb_local_helper
+    try:
+        before = len(spark_log(spark, n=None))
+        rows = spark_apply(spark.range(5), wb_local_helper.add, schema="id long, y long").collect()
+        assert sorted(r.y for r in rows) == [7, 8, 9, 10, 11]
+        assert any("closure carries local modules by value: wb_local_helper" in ln
+                   for ln in spark_log(spark, n=None)[before:])
+    finally:
+        sys.modules.pop("wb_local_helper", None)
+
+
 def test_python_env_and_python_together_is_refused(spark, tmp_path):
     df = spark.range(3)
     env = tmp_path / "env.tar.gz"

@@ -49,7 +49,9 @@ def resolve(rscript: str, names: list, source: Optional[str]) -> tuple[list, lis
     exe = shutil.which(rscript)
     if exe is None:
         raise BadInputError(f"Rscript not found as {rscript!r} on the driver")
-    argv = [exe, "--vanilla", str(r_scripts_dir() / "deps.R")]
+    # Not --vanilla: the driver's R as its user runs it (~/.Renviron, Rprofile files
+    # that set .libPaths()); only lines starting PKG/MISSING are read back.
+    argv = [exe, "--no-save", "--no-restore", str(r_scripts_dir() / "deps.R")]
     argv += (["--scan"] if source is not None else []) + list(names)
     try:
         out = subprocess.run(argv, input=(source or "").encode("utf-8"), capture_output=True,
@@ -69,19 +71,30 @@ def resolve(rscript: str, names: list, source: Optional[str]) -> tuple[list, lis
     return found, missing
 
 
+_digests: dict = {}          # stat signature of a package set -> content digest
+
+
 def content_digest(packages: list) -> str:
-    """A hash of every file of every package (path, mode's exec bit, bytes)."""
-    h = hashlib.sha256()
+    """A hash of every file of every package (path, exec bit, bytes); the files are
+    read again only when a file's size or mtime changed since the last call."""
+    files = []
     for pkg in sorted(packages, key=lambda p: p.name):
-        h.update(f"{pkg.name}\0{pkg.version}\0".encode())
         for path in sorted(p for p in pkg.path.rglob("*") if p.is_file() or p.is_symlink()):
-            rel = path.relative_to(pkg.path).as_posix()
-            if path.is_symlink():
-                h.update(f"L{rel}\0{os.readlink(path)}\0".encode())
-                continue
-            h.update(f"F{rel}\0{os.access(path, os.X_OK):d}\0".encode())
-            h.update(hashlib.sha256(path.read_bytes()).digest())
-    return h.hexdigest()[:24]
+            st = path.lstat()
+            files.append((pkg, path, st.st_size, st.st_mtime_ns))
+    signature = tuple((p.name, p.version, str(path), size, mtime) for p, path, size, mtime in files)
+    if signature in _digests:
+        return _digests[signature]
+    h = hashlib.sha256()
+    for pkg, path, _, _ in files:
+        rel = f"{pkg.name}/{path.relative_to(pkg.path).as_posix()}"
+        if path.is_symlink():
+            h.update(f"L{pkg.version}\0{rel}\0{os.readlink(path)}\0".encode())
+            continue
+        h.update(f"F{pkg.version}\0{rel}\0{os.access(path, os.X_OK):d}\0".encode())
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    _digests[signature] = digest = h.hexdigest()[:24]
+    return digest
 
 
 def bundle(packages: list, cache: Optional[str] = None) -> Artifact:
@@ -97,10 +110,18 @@ def bundle(packages: list, cache: Optional[str] = None) -> Artifact:
             for pkg in packages:
                 tar.add(str(pkg.path), arcname=f"{pkg.name}/{pkg.name}")
         os.replace(staging, path)
-    sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    sha = _file_sha256(path)
     size = os.path.getsize(path)
     label = "R packages " + ", ".join(f"{p.name} {p.version}" for p in packages)
     return Artifact(R_PACKAGES, os.path.basename(path), digest, sha, size, path, label)
+
+
+def _file_sha256(path: str) -> str:
+    st = os.stat(path)
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key not in _digests:
+        _digests[key] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return _digests[key]
 
 
 def child_option(packages: list) -> dict:
@@ -109,8 +130,9 @@ def child_option(packages: list) -> dict:
             "compiled": [p.compiled for p in packages]}
 
 
-def summary(artifact: Artifact, missing: list) -> str:
-    text = f"shipping {artifact.label} ({format_bytes(artifact.size)}) as {artifact.name}"
+def summary(artifact: Artifact, missing: list, seconds: float) -> str:
+    text = (f"shipping {artifact.label} ({format_bytes(artifact.size)}) as {artifact.name}, "
+            f"prepared in {seconds:.2f} s")
     if missing:
         text += (f"; not in the driver's R library, so not shipped: {', '.join(missing)} "
                  "(the nodes must have them)")

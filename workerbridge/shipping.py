@@ -12,6 +12,7 @@ the Worker), the local modules pickled by value (``ship_python.by_value``).
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -40,12 +41,13 @@ def plan(spark, session_key: str, gateway, r_source: Optional[str], opts: dict) 
     if r_source is not None and opts["ship"] and opts["packages"]:
         names = [] if opts["packages"] is True else list(opts["packages"])
         scan = r_source if opts["packages"] is True else None
+        t0 = time.perf_counter()
         found, missing = ship_r.resolve(opts["rscript"], names, scan)
         if found:
             art = ship_r.bundle(found)
             artifacts.append(art)
             child["ship_r"] = ship_r.child_option(found)
-            gateway.log(ship_r.summary(art, missing))
+            gateway.log(ship_r.summary(art, missing, time.perf_counter() - t0))
         elif missing:
             gateway.log(f"no R package to ship: not in the driver's R library: "
                         f"{', '.join(missing)} (the nodes must have them)")
