@@ -179,6 +179,7 @@ def test_cluster_executors_get_r_packages_python_env_and_local_module(
     found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert found, proc.stdout[-3000:] + proc.stderr[-5000:]
     res = json.loads(found[-1][len("RESULT "):])
+    (tmp_path / "result.json").write_text(json.dumps(res, indent=1))    # to read after a failure
 
     off = res["r ship off"]
     assert "cannot load R package 'wbshiptest'" in off.get("error", ""), off

@@ -42,6 +42,31 @@ class RPackage:
         return Path(self.lib) / self.name
 
 
+_resolved: dict = {}         # (rscript, names, source, R_LIBS*) -> (found, DESCRIPTION mtimes)
+
+
+def resolve_cached(rscript: str, names: list, source: Optional[str]) -> tuple[list, list]:
+    """:func:`resolve`, remembered in this process while the packages found keep their
+    DESCRIPTION files (an upgrade changes them); an answer naming packages the driver
+    lacks is never remembered (they may be installed next)."""
+    key = (rscript, tuple(names), source,
+           tuple(os.environ.get(k) for k in ("R_LIBS", "R_LIBS_USER", "R_LIBS_SITE")))
+    hit = _resolved.get(key)
+    if hit is not None and hit[1] == _stamps(hit[0]):
+        return hit[0], []
+    found, missing = resolve(rscript, names, source)
+    if not missing:
+        _resolved[key] = (found, _stamps(found))
+    return found, missing
+
+
+def _stamps(packages: list) -> tuple:
+    try:
+        return tuple((p.path / "DESCRIPTION").stat().st_mtime_ns for p in packages)
+    except OSError:
+        return ()
+
+
 def resolve(rscript: str, names: list, source: Optional[str]) -> tuple[list, list]:
     """(packages to ship, names the driver's library lacks).
 

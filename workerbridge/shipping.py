@@ -42,7 +42,7 @@ def plan(spark, session_key: str, gateway, r_source: Optional[str], opts: dict) 
         names = [] if opts["packages"] is True else list(opts["packages"])
         scan = r_source if opts["packages"] is True else None
         t0 = time.perf_counter()
-        found, missing = ship_r.resolve(opts["rscript"], names, scan)
+        found, missing = ship_r.resolve_cached(opts["rscript"], names, scan)
         if found:
             art = ship_r.bundle(found)
             artifacts.append(art)
