@@ -101,7 +101,8 @@ b = SparkSession.builder.master(cfg["master"]).appName("workerbridge-shipping-te
 for k, v in cfg["conf"].items():
     b = b.config(k, v)
 spark = b.getOrCreate()
-df = spark.range(cfg["rows"], numPartitions=2)     # one task per executor, at once.selectExpr("id", "id / 2 AS x")
+# two partitions: one task per executor, both at once
+df = spark.range(cfg["rows"], numPartitions=2).selectExpr("id", "id / 2 AS x")
 
 def with_env(d):
     import sys, wbshipenv

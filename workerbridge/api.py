@@ -108,24 +108,14 @@ def spark_apply(df, f: Union[Callable, R], schema: Any = None, **options: Any):
         raise BadInputError("barrier=True cannot be combined with group_by=")
     if opts["name"] is not None and not isinstance(opts["name"], str):
         raise BadInputError("name= must be a string")
-    packages = _packages(opts["packages"])
     child_options = {"input": opts["input"], "int64": opts["int64"],
                      "partition_index_param": opts["partition_index_param"],
-                     "packages": [] if packages is True else packages, "group_by": group_by,
+                     "packages": _packages(opts["packages"]), "group_by": group_by,
                      "batch_mode": opts["batch_mode"]}
     if isinstance(f, R):
         f.check_syntax(opts["rscript"])
     gateway = _gateway(spark)
-    opts.update(packages=packages, ship=_flag("ship", opts["ship"]))
-    shipped = shipping.plan(spark, _session_key(spark), gateway,
-                            f.source if isinstance(f, R) else None, opts)
-    child_options.update(shipped.child_options)
-    with ship_python.by_value(opts["ship"] and not isinstance(f, R)) as local:
-        closure = pack(f, opts["context"], child_options)
-    if local:
-        used = ship_python.used_modules(f, local)
-        if used:
-            gateway.log(f"closure carries local modules by value: {', '.join(used)}")
+    closure, shipped = _ship_and_pack(spark, f, opts, child_options, gateway)
     worker_options = WorkerOptions(
         python=opts["python"], rscript=opts["rscript"],
         connect_timeout=float(opts["connect_timeout"]),
@@ -162,6 +152,24 @@ def spark_apply(df, f: Union[Callable, R], schema: Any = None, **options: Any):
     source = df.repartition(*group_by) if group_by else df
     out = source.mapInArrow(task, struct, barrier=opts["barrier"])
     return out if fetch else _fetch_units(out)
+
+
+def _ship_and_pack(spark, f, opts: dict, child_options: dict, gateway):
+    """What travels besides the closure (handed to Spark), then the closure packed
+    with the user's local modules by value.  ``packages=True`` ships what the code
+    loads and has the child load nothing more."""
+    wanted = child_options["packages"]
+    opts = dict(opts, packages=wanted, ship=_flag("ship", opts["ship"]))
+    shipped = shipping.plan(spark, _session_key(spark), gateway,
+                            f.source if isinstance(f, R) else None, opts)
+    child_options = dict(child_options, packages=[] if wanted is True else wanted,
+                         **shipped.child_options)
+    with ship_python.by_value(opts["ship"] and not isinstance(f, R)) as local:
+        closure = pack(f, opts["context"], child_options)
+    used = ship_python.used_modules(f, local) if local else []
+    if used:
+        gateway.log(f"closure carries local modules by value: {', '.join(used)}")
+    return closure, shipped
 
 
 def spark_log(spark=None, filter: Optional[str] = None, n: Optional[int] = 100) -> list[str]:
