@@ -12,7 +12,8 @@
 # Exit status: 0 after BYE or EOF while waiting for a TASK; 1 on a protocol
 # error (message on stderr); 2 when it cannot start (no port, no secret, ...).
 #
-# TASK fields used: partition, closure_hash (an empty CLOSURE frame reuses the
+# TASK fields used: partition, r_lib and options$ship_r (shipped packages,
+# rscripts/shipped.R), closure_hash (an empty CLOSURE frame reuses the
 # closure received earlier under that hash), context, barrier, packages (top
 # level or in options), options: int64 ("double"|"character"), factors,
 # batch_rows, group_by (the closure runs per group; missing key columns are put
@@ -38,6 +39,7 @@ local({
   wb <- new.env(parent = baseenv())
   sys.source(file.path(here, "protocol.R"), envir = wb, keep.source = FALSE)
   sys.source(file.path(here, "arrow_ipc.R"), envir = wb, keep.source = FALSE)
+  sys.source(file.path(here, "shipped.R"), envir = wb, keep.source = FALSE)
   assign(".wb", wb, envir = globalenv())
 })
 
@@ -384,6 +386,8 @@ local({
 
   send_error <- function(payload) wb_send_json(out$write, "ERROR", payload)
   failure <- NULL          # an ERROR payload to send once the input has been read
+  # shipped packages (TASK r_lib) in front of .libPaths(), those the node lacks
+  failure <- wb_use_shipped(task, log_msg)
 
   # packages, then the closure (its source may use package functions)
   for (p in as.character(packages)) {

@@ -196,14 +196,16 @@ def test_job_cancel_leaves_no_orphan(spark, lang):
 
 
 def test_unpicklable_in_child_is_named(spark, tmp_path):
-    """A closure from a module the child cannot import fails as an unpickle error."""
+    """A closure from a module the child cannot import fails as an unpickle error
+    (with ship=False: by default a local module travels by value, test_shipping.py)."""
     mod = tmp_path / "wb_only_on_driver.py"
     mod.write_text("def f(d):\n    return d\n")
     sys.path.insert(0, str(tmp_path))
     try:
         import wb_only_on_driver
         with pytest.raises(Exception) as info:
-            spark_apply(spark.range(3), wb_only_on_driver.f, schema="id long").collect()
+            spark_apply(spark.range(3), wb_only_on_driver.f, schema="id long",
+                        ship=False).collect()
         text = str(info.value)
         assert "No module named 'wb_only_on_driver'" in text
         assert "could not be loaded in the child" in text

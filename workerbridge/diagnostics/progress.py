@@ -31,7 +31,7 @@ import time
 import weakref
 from typing import Callable, Optional
 
-from ..wire.lifecycle import SCRIPT_ROLES, read
+from ..wire.lifecycle import SCRIPT_ROLES, SHIP_REUSED, SHIP_UNPACKED, read
 from ..wire.logline import parse_line
 
 BACKENDS = ("auto", "rich", "tqdm", "plain")
@@ -44,6 +44,7 @@ class _Burst:
         self.started = self.done = self.rows_in = self.rows_out = 0
         self.failed: set = set()
         self.incomplete = 0
+        self.unpacked = self.reused = 0      # shipped archives: unpacked here / a copy reused
 
     @property
     def running(self) -> int:
@@ -56,8 +57,10 @@ class _Burst:
             head = f"[{'#' * filled}{'-' * (width - filled)}] {self.done}/{self.total} partitions"
         else:
             head = f"{self.done} partitions done, {self.running} running"
+        shipped = f" | shipped: {self.unpacked} unpacked, {self.reused} reused" \
+            if self.unpacked or self.reused else ""
         return (f"workerbridge {head} | rows {self.rows_in} in, {self.rows_out} out | "
-                f"{failed} failed | {time.monotonic() - self.began:.1f} s")
+                f"{failed} failed{shipped} | {time.monotonic() - self.began:.1f} s")
 
 
 class _Plain:
@@ -187,6 +190,10 @@ class Progress:
                 return
             elif role == "Worker" and read("completed", msg):
                 run.done += 1
+            elif role == "Worker" and msg.startswith(SHIP_UNPACKED):
+                run.unpacked += 1
+            elif role == "Worker" and msg.startswith(SHIP_REUSED):
+                run.reused += 1
             elif role in SCRIPT_ROLES and read("retrieved", msg):
                 run.rows_in += int(read("retrieved", msg)["rows"])
             elif role in SCRIPT_ROLES and read("returned", msg):

@@ -25,9 +25,10 @@ from ..task.spec import R_LANG, TaskSpec
 from ..task.worker import Worker
 from ..wire.errors import BadInputError
 from .closure import R, pack
-from .options import Call, check_call
+from . import ship_python, shipping
+from .options import Call, check_call, parse_flag
 from .schema import arrow_to_struct, spark_arrow_schema, to_struct
-from .session import existing_gateway, session_gateway
+from .session import existing_gateway, session_gateway, session_key
 
 # The task function travels by value (with the package's files inside it), so
 # executors need no workerbridge installed.  PySpark pickles with its own copy
@@ -58,44 +59,58 @@ def spark_apply(df, f: Union[Callable, R], schema: Any = None, **options: Any):
     >>> out = spark_apply(df, lambda d: d.assign(y=d.x * 2))      # doctest: +SKIP
     """
     call = check_call(df, options)
-    closure = _pack(f, call)
     gateway = session_gateway(df.sparkSession)
+    closure, shipped = _ship_and_pack(df.sparkSession, f, call, gateway)
     attach_progress(gateway, df.sparkSession, call.progress)
     runtime = Runtime.collect(with_r=closure.language == R_LANG)
-    struct = _settle_schema(df, schema, call, closure, runtime, gateway)
+    struct = _settle_schema(df, schema, call, closure, runtime, gateway, shipped.artifacts)
     if not call.opts["fetch_result_as_sdf"]:
         # options travel in the TASK message, not in the pickle: no second cloudpickle
         closure = dataclasses.replace(closure, options=dict(closure.options, tag_units=True))
         struct = _with_unit_columns(struct)
-    out = _wire(df, call, closure, runtime, struct, gateway)
+    out = _wire(df, call, closure, runtime, struct, gateway, shipped.artifacts)
     return out if call.opts["fetch_result_as_sdf"] else _fetch_units(out)
 
 
-def _pack(f, call: Call):
+def _ship_and_pack(spark, f, call: Call, gateway):
+    """What travels besides the closure (handed to Spark), then the closure packed
+    with the user's local modules by value.  ``packages=True`` ships what the code
+    loads and has the child load nothing more."""
     if isinstance(f, R):
         f.check_syntax(call.opts["rscript"])
-    return pack(f, call.opts["context"], call.child_options)
+    wanted = call.child_options["packages"]
+    opts = dict(call.opts, packages=wanted, ship=parse_flag("ship", call.opts["ship"]))
+    shipped = shipping.plan(spark, session_key(spark), gateway,
+                            f.source if isinstance(f, R) else None, opts)
+    child_options = dict(call.child_options, packages=[] if wanted is True else wanted,
+                         **shipped.child_options)
+    with ship_python.by_value(opts["ship"] and not isinstance(f, R)) as local:
+        closure = pack(f, opts["context"], child_options)
+    used = ship_python.used_modules(f, local) if local else []
+    if used:
+        gateway.log(f"closure carries local modules by value: {', '.join(used)}")
+    return closure, shipped
 
 
-def _settle_schema(df, schema, call: Call, closure, runtime: Runtime, gateway):
+def _settle_schema(df, schema, call: Call, closure, runtime: Runtime, gateway, ship: tuple):
     """The output StructType: given, or inferred on a sample; group columns first."""
     if schema is None:
         spec = TaskSpec(closure, runtime.digest, None, gateway.address, call.worker_options,
-                        call.opts["name"])
+                        call.opts["name"], ship=ship)
         struct = _infer(df, spec, str(runtime.materialize()), int(call.opts["sample_rows"]))
     else:
         struct = to_struct(df.sparkSession, schema)
     return _groups_first(struct, df.schema, call.group_by) if call.group_by else struct
 
 
-def _wire(df, call: Call, closure, runtime: Runtime, struct, gateway):
+def _wire(df, call: Call, closure, runtime: Runtime, struct, gateway, ship: tuple):
     """The ``mapInArrow`` of the task function, which carries the package's files
     itself (compressed); the spec inside it names only their digest."""
     spark = df.sparkSession
     large = str(spark.conf.get("spark.sql.execution.arrow.useLargeVarTypes", "false")).lower()
     name = call.opts["name"]
     spec = TaskSpec(closure, runtime.digest, spark_arrow_schema(struct, large == "true"),
-                    gateway.address, call.worker_options, name)
+                    gateway.address, call.worker_options, name, ship=ship)
     task = bootstrap.make_task(runtime.blob(), runtime.digest, __version__,
                                cloudpickle.dumps(spec), call.opts["barrier"])
     if name:

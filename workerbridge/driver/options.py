@@ -9,7 +9,7 @@ yes/no parser (:func:`parse_flag`).  Does not cover: what the options do.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from ..task.spec import WorkerOptions
 from ..task.supervise import parse_bytes
@@ -39,6 +39,8 @@ OPTIONS: dict[str, tuple[Any, Optional[str]]] = {
     "batch_mode": ("partition", "batchMode"),
     "reuse": (True, "reuse"),
     "idle_timeout": (60.0, "idleTimeout"),
+    "python_env": (None, None),
+    "ship": (True, "ship"),
 }
 
 
@@ -191,9 +193,12 @@ def memory_limit(value) -> Optional[int]:
         raise BadInputError(f"memory_limit= {e}") from None
 
 
-def package_names(packages) -> list:
-    if packages is None:
+def package_names(packages) -> Union[list, bool]:
+    """R package names, or True: ship what the closure's code loads."""
+    if packages is None or packages is False:
         return []
+    if packages is True:
+        return True
     pkgs = [packages] if isinstance(packages, str) else list(packages)
     if not all(isinstance(p, str) and p for p in pkgs):
         raise BadInputError("packages= takes a list of R package names")

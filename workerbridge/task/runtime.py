@@ -18,7 +18,7 @@ from pathlib import Path
 from .bootstrap import content_digest, materialize, pack_files
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent     # workerbridge/
-R_FILES = ("protocol.R", "arrow_ipc.R", "child.R")
+R_FILES = ("protocol.R", "arrow_ipc.R", "shipped.R", "child.R")
 
 
 def r_scripts_dir() -> Path:

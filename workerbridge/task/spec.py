@@ -65,6 +65,7 @@ class TaskSpec:
     gateway: Optional[GatewayAddress] = None
     options: WorkerOptions = WorkerOptions()
     name: Optional[str] = None
+    ship: tuple = ()                     # task.artifacts.Artifact: R packages, a Python env
     # One per spark_apply: a warm child that last ran another job resets what a
     # closure may have left behind (globals, options, cwd, environment) first.
     job: str = field(default_factory=lambda: secrets.token_hex(8))

@@ -35,6 +35,7 @@ from ..wire import protocol as P
 from ..wire.errors import R_INSTALL_HINT, ChildDiedError, ClosureError, LimitError, TaskError, TransportError
 from ..wire.lifecycle import language_of, line
 from ..wire.logline import level_of
+from .artifacts import PYTHON_ENV, R_PACKAGES, ShipError, describe, env_python, finish_env, unpack
 from .backend import accept_child, new_selector
 from .conform import conform
 from .logsink import LogSink
@@ -141,6 +142,7 @@ class Worker:
         self.child: Optional[Child] = None
         self.stats: dict = {}
         self._writer_error: Optional[BaseException] = None
+        self.shipped: dict = {}              # artifact kind -> its unpacked directory
 
     # ---- the task -----------------------------------------------------------------
     def run(self, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -163,6 +165,7 @@ class Worker:
         opts = self.spec.options
         self._started = time.monotonic()
         self._deadline = self._started + opts.timeout if opts.timeout else None
+        self._unpack_shipped()
         argv, env = self._command()
         key = (tuple(argv), tuple(sorted(opts.env.items())), self.spec.runtime_digest)
         warm: Optional[Warm] = None
@@ -243,6 +246,20 @@ class Worker:
         finally:
             listener.close()                      # a second connection is refused
 
+    def _unpack_shipped(self) -> None:
+        """Each shipped archive unpacked on this host (once per digest, under a lock)."""
+        for art in self.spec.ship:
+            try:
+                got = unpack(art, after=finish_env if art.kind == PYTHON_ENV else None)
+            except (ShipError, OSError) as e:
+                raise TaskError(
+                    f"cannot use the shipped {art.label or art.name}: {e}",
+                    partition=self.partition, language=self.language, role=self.role,
+                    hint="the archive travels with Spark's addFile; see the executor's log, "
+                         "or pass ship=False and install the packages on every node") from None
+            self.shipped[art.kind] = got.path
+            self.log.write("Worker", describe(art, got))
+
     def _command(self) -> tuple[list, dict]:
         """The child's argv and environment (without the port)."""
         opts = self.spec.options
@@ -260,7 +277,8 @@ class Worker:
             heap = [] if self.closure.options.get("batch_mode") == "batch" \
                 or "R_VSIZE" in env else r_heap_args(opts.memory_limit)
             return [exe, "--vanilla", *heap, str(root / "rscripts" / "child.R")], env
-        exe = opts.python or sys.executable
+        exe = env_python(self.shipped[PYTHON_ENV]) if PYTHON_ENV in self.shipped \
+            else opts.python or sys.executable
         if shutil.which(exe) is None:
             raise ChildDiedError(
                 f"Python interpreter not found: {exe!r}", exit_code=None, stderr_tail="",
@@ -332,6 +350,8 @@ class Worker:
                "closure_hash": self.closure.digest, "options": self.closure.options}
         if self.closure.context_json is not None:
             msg["context"] = json.loads(self.closure.context_json)
+        if R_PACKAGES in self.shipped:
+            msg["r_lib"] = self.shipped[R_PACKAGES]
         msg.update(self.extra)
         return msg
 

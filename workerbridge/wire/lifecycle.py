@@ -94,6 +94,9 @@ _MESSAGES = [
     Message("finished", "child", "finished", r"^finished$"),
 ]
 MESSAGES = {m.name: m for m in _MESSAGES}
+# How a Worker's lines about a shipped archive begin (the progress line counts them).
+SHIP_UNPACKED = "unpacked the shipped "
+SHIP_REUSED = "reused the unpacked "
 
 
 def line(name: str, **fields) -> str:
