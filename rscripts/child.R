@@ -100,6 +100,10 @@ local({
   })
 
   # -- task loop -------------------------------------------------------------
+  # The byte-code JIT is off for the child's own code: it compiled the task's
+  # nested functions (and the JSON reader's) anew in every task, ~30 ms a
+  # warm task (Rprof).  The user's closure runs under the session's level.
+  wb_closure_jit <<- compiler::enableJIT(0L)
   cache <- new.env(parent = emptyenv())     # closure_hash -> function (warm reuse)
   # WORKERBRIDGE_RPROF=<file>: an Rprof sampling profile of every task (bench/)
   prof <- Sys.getenv("WORKERBRIDGE_RPROF", "")
@@ -296,9 +300,16 @@ local({
 
 # Run `expr` with the byte-code JIT off: the codec's functions then run
 # interpreted, which for one task costs less than compiling them (~0.5 s).
-# The user's closure still runs under the session's JIT setting.
+# The user's closure still runs under the session's JIT setting
+# (wb_with_closure_jit; wb_child_main turns the JIT off for everything else).
 .wb$wb_nojit <- function(expr) {
   old <- compiler::enableJIT(0L)
+  on.exit(compiler::enableJIT(old))
+  expr
+}
+.wb$wb_closure_jit <- 3L
+.wb$wb_with_closure_jit <- function(expr) {
+  old <- compiler::enableJIT(wb_closure_jit)
   on.exit(compiler::enableJIT(old))
   expr
 }
@@ -471,7 +482,7 @@ local({
     # ---- batch mode: the closure per Arrow record batch, each result streamed
     # back at once; memory bounded by a batch.  Log lines wait while the
     # output stream is open (they would land inside it).
-    jit <- compiler::enableJIT(-1L)
+    jit <- wb_closure_jit
     st <- new.env(parent = emptyenv())
     st$rows_in <- 0
     st$rows_out <- 0
@@ -562,7 +573,7 @@ local({
       df <- if (is.null(rows)) whole
             else structure(lapply(whole, function(x) x[rows]), names = names(whole),
                            class = "data.frame", row.names = .set_row_names(length(rows)))
-      res[u] <- list(eval(call))
+      res[u] <- list(wb_with_closure_jit(eval(call)))
     }
     res
   }
@@ -607,7 +618,7 @@ local({
 # Give the child's functions the child environment as their home.
 local({
   for (nm in c("wb_child_main", "wb_log_channel", "wb_error_payload", "wb_deparse_call", "wb_as_frame", "wb_run_task",
-               "wb_nojit", "wb_traceback", "wb_split_groups", "wb_with_keys", "wb_rbind", "wb_tag"))
+               "wb_nojit", "wb_with_closure_jit", "wb_traceback", "wb_split_groups", "wb_with_keys", "wb_rbind", "wb_tag"))
     environment(.wb[[nm]]) <- .wb
 })
 

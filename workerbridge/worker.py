@@ -31,6 +31,7 @@ from typing import Iterable, Iterator, Optional
 
 import pyarrow as pa
 
+from . import dictionary
 from . import protocol as P
 from .closure import R_LANG, Closure
 from .errors import ChildDiedError, ClosureError, LimitError, TaskError, TransportError
@@ -325,9 +326,15 @@ class Worker:
         rows = 0
         try:
             sink = _SocketSink(conn)
-            with pa.ipc.new_stream(sink, first.schema) as w:
-                for batch in self._input_batches(first, rest):
-                    w.write_batch(batch)
+            batches = self._input_batches(first, rest)
+            head = next(batches)
+            # R: repeated string columns go dictionary-encoded (decided on the first batch)
+            encode = dictionary.repeated_string_columns(head) \
+                if self.closure.language == R_LANG else []
+            schema = dictionary.encoded_schema(head.schema, encode)
+            with pa.ipc.new_stream(sink, schema) as w:
+                for batch in itertools.chain([head], batches):
+                    w.write_batch(dictionary.encode_columns(batch, schema, encode))
                     rows += batch.num_rows
             self.stats["rows_sent"] = rows
         except BaseException as e:                  # noqa: BLE001 - stored, re-raised by the reader
@@ -373,7 +380,7 @@ class Worker:
                 reader = pa.ipc.open_stream(stream)
                 for batch in reader:
                     rows += batch.num_rows
-                    yield self._conform(batch)
+                    yield self._conform(dictionary.decode_dictionaries(batch))
                 self.stats["rows_out"] = rows
             elif msg_type == P.DONE:
                 self.stats.update(P.decode_json(payload))
