@@ -7,7 +7,7 @@
 #
 # Public functions:
 #   arrow_read_stream(src, int64 = c("double", "character"), factors = FALSE,
-#                     on_batch = NULL)
+#                     on_batch = NULL, timing = NULL)
 #       src: a binary connection (read message by message; never reads past
 #       the end-of-stream marker), a raw vector, or a file path.
 #       Returns a base data.frame (check.names = FALSE, stringsAsFactors = FALSE).
@@ -15,6 +15,8 @@
 #       a data.frame as soon as it is decoded, nothing is accumulated, and the
 #       result is invisible(list(names, nrows, nbatches)); an error of on_batch
 #       is re-raised unchanged once the rest of the stream has been consumed.
+#       timing: NULL, or an environment whose `transfer` (seconds) grows by the
+#       time spent reading from src.
 #   arrow_skip_stream(src)
 #       Consumes a stream up to its end-of-stream marker without decoding it.
 #   arrow_write_stream(df, con = NULL, batch_rows = 1048576L)
@@ -460,7 +462,7 @@
 # ---------------------------------------------------------------------------
 # Byte sources
 
-.ai_source <- function(src) {
+.ai_source <- function(src, timing = NULL) {
   s <- new.env(parent = emptyenv())
   if (is.character(src)) {
     s$con <- file(src, "rb")
@@ -490,6 +492,14 @@
       got <- got + length(chunk)
     }
     do.call(c, chunks)
+  }
+  if (!is.null(timing)) {
+    untimed <- s$read
+    s$read <- function(n) {
+      t0 <- as.numeric(Sys.time())
+      on.exit(timing$transfer <- timing$transfer + as.numeric(Sys.time()) - t0)
+      untimed(n)
+    }
   }
   s$skip <- function(n, what) {
     while (n > 0) {
@@ -927,11 +937,11 @@
 # invisible(list(names, nrows, nbatches)).  An error raised by on_batch is
 # re-raised as it is, after the rest of the stream has been consumed.
 arrow_read_stream <- function(src, int64 = c("double", "character"), factors = FALSE,
-                              on_batch = NULL) {
+                              on_batch = NULL, timing = NULL) {
   int64 <- match.arg(int64)
   opts <- list(int64 = int64, factors = isTRUE(factors))
   streaming <- is.function(on_batch)
-  s <- .ai_source(src)
+  s <- .ai_source(src, timing)
   if (s$close) on.exit(close(s$con))
   state <- new.env(parent = emptyenv())
   state$dicts <- list()

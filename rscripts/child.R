@@ -314,6 +314,41 @@ local({
   expr
 }
 
+# profile=True: the task's phases in seconds (transfer, decode, closure,
+# encode, send) and an Rprof sampling profile of the whole task, sent as one
+# "profile {json}" line before "finished" (format: workerbridge/phases.py).
+# When off, every verb is a no-op and the writer is passed through.
+.wb$wb_profiler <- function(on) {
+  st <- new.env(parent = emptyenv())
+  st$phases <- list(transfer = 0, decode = 0, closure = 0, encode = 0, send = 0)
+  st$transfer <- 0                       # added to by arrow_read_stream(timing = st)
+  now <- function() as.numeric(Sys.time())
+  add <- function(name, secs) if (on) st$phases[[name]] <- st$phases[[name]] + secs
+  file <- if (on) tempfile("wb-rprof-") else ""   # in R's private session directory
+  if (on) utils::Rprof(file, interval = 0.005)
+  stop_rprof <- function() if (on && nzchar(file)) { utils::Rprof(NULL); unlink(file); file <<- "" }
+  line <- function() {
+    utils::Rprof(NULL)
+    top <- tryCatch(utils::summaryRprof(file)$by.self, error = function(e) NULL)
+    stop_rprof()
+    fns <- list()
+    if (!is.null(top) && nrow(top)) {
+      top <- top[seq_len(min(nrow(top), 25L)), , drop = FALSE]
+      fns <- lapply(seq_len(nrow(top)), function(i)
+        list(gsub("\"", "", rownames(top)[i], fixed = TRUE), top$self.time[i], top$total.time[i]))
+    }
+    st$phases$transfer <- st$transfer
+    paste0("profile ", wb_json_encode(list(profiler = "Rprof", phases = lapply(st$phases, round, 6L),
+                                           functions = fns)))
+  }
+  list(on = on, now = now, add = add, timing = if (on) st else NULL,
+       send_time = function() st$phases$send,
+       writer = function(write) if (!on) write else function(bytes) {
+         t0 <- now(); write(bytes); add("send", now() - t0)
+       },
+       line = line, stop = stop_rprof)
+}
+
 # One task: TASK payload already read.  Frames are written to out$write (a
 # buffer; the caller flushes it after the task).  Errors raised here are
 # protocol/I-O failures (fatal); errors of the closure, packages and codec are
@@ -334,6 +369,8 @@ local({
   index_param <- if (is.character(opts$partition_index_param) &&
                      length(opts$partition_index_param) == 1L) opts$partition_index_param else NULL
   hash <- if (is.character(task$closure_hash) && length(task$closure_hash) == 1L) task$closure_hash else NULL
+  prof <- wb_profiler(isTRUE(opts$profile))
+  on.exit(prof$stop())
 
   src_raw <- wb_expect(con, "CLOSURE")
   src <- rawToChar(src_raw)
@@ -421,15 +458,18 @@ local({
   }
   batch_mode <- identical(opts$batch_mode, "batch") && !length(group_by)
   df <- NULL
+  t_read <- prof$now()
   if (!batch_mode) {
     df <- tryCatch(withCallingHandlers(
-                     wb_nojit(arrow_read_stream(con, int64 = int64, factors = factors)),
+                     wb_nojit(arrow_read_stream(con, int64 = int64, factors = factors,
+                                                timing = prof$timing)),
                      warning = decode_warning),
                    arrow_codec_error = function(e) e)
     if (inherits(df, "arrow_codec_error")) {
       send_error(codec_failure(df))
       return(invisible(FALSE))
     }
+    if (prof$on) prof$add("decode", prof$now() - t_read - prof$timing$transfer)
     rows_in <- .row_names_info(df, 2L)
     log_msg(sprintf("retrieved %d rows", rows_in))
     log_msg(sprintf("retrieved %d column names", length(df)))
@@ -492,20 +532,23 @@ local({
     st$first_empty <- NULL      # an empty first result, written only if nothing else is
     stop_batches <- structure(class = c("wb_batch_failed", "error", "condition"),
                               list(message = "batch failed", call = NULL))
+    send <- prof$writer(out$write)
     writer <- arrow_stream_writer(function(bytes) {
       if (!st$output) {
-        wb_send_frame(out$write, "OUTPUT")
+        wb_send_frame(send, "OUTPUT")
         st$output <- TRUE
       }
-      out$write(bytes)
+      send(bytes)
     }, batch_rows = batch_rows)
     on_batch <- function(df) {
       st$batches <- st$batches + 1L
       st$rows_in <- st$rows_in + .row_names_info(df, 2L)
       old <- compiler::enableJIT(jit)        # the closure runs under the session's JIT
+      t0 <- prof$now()
       res <- tryCatch(withCallingHandlers(eval(call), warning = closure_warning,
                                           error = closure_error),
                       error = function(e) e)
+      prof$add("closure", prof$now() - t0)
       compiler::enableJIT(old)
       df <- NULL
       if (inherits(res, "error")) {
@@ -523,7 +566,10 @@ local({
         if (is.null(st$first_empty) && !writer$started()) st$first_empty <- prep
         return(invisible(NULL))
       }
+      t0 <- prof$now()
+      sent <- prof$send_time()
       err <- tryCatch({ writer$write(prep); NULL }, arrow_codec_error = function(e) e)
+      prof$add("encode", prof$now() - t0 - (prof$send_time() - sent))
       if (!is.null(err)) {
         st$failure <- result_failure(err)
         stop(stop_batches)
@@ -537,11 +583,13 @@ local({
     logs$hold()
     got <- tryCatch(withCallingHandlers(
                       wb_nojit(arrow_read_stream(con, int64 = int64, factors = factors,
-                                                 on_batch = on_batch)),
+                                                 on_batch = on_batch, timing = prof$timing)),
                       warning = decode_warning),
                     wb_batch_failed = function(e) e,
                     arrow_codec_error = function(e) e)
     if (inherits(got, "arrow_codec_error")) st$failure <- codec_failure(got)
+    if (prof$on)                   # what the reading took besides the batches' own work
+      prof$add("decode", prof$now() - t_read - prof$timing$transfer - sum(unlist(prof$timing$phases)))
     if (st$output) writer$close()              # end the stream before anything else
     logs$release()
     if (!is.null(st$failure)) {
@@ -559,6 +607,7 @@ local({
     log_msg(sprintf("retrieved %d column names", length(got$names)))
     log_msg(sprintf("applied closure to %.0f rows in %d batches", st$rows_in, st$batches))
     log_msg(sprintf("returned %.0f rows", st$rows_out))
+    if (prof$on) log_msg(prof$line())
     log_msg("finished")
     wb_send_json(out$write, "DONE", list(rows_in = st$rows_in, rows_out = st$rows_out))
     return(invisible(TRUE))
@@ -577,9 +626,11 @@ local({
     }
     res
   }
+  t0 <- prof$now()
   result <- tryCatch(
     withCallingHandlers(run_units(df), warning = closure_warning, error = closure_error),
     error = function(e) e)
+  prof$add("closure", prof$now() - t0)
   if (inherits(result, "error")) {
     send_error(closure_failure(result))
     return(invisible(FALSE))
@@ -587,6 +638,7 @@ local({
   log_msg(if (length(group_by)) sprintf("applied closure to %d rows in %d groups", rows_in, length(units))
           else sprintf("applied closure to %d rows", rows_in))
 
+  t0 <- prof$now()
   prep <- tryCatch({
     frames <- lapply(result, wb_as_frame)
     if (length(group_by)) {
@@ -609,7 +661,9 @@ local({
   rows_out <- prep$nrow
   log_msg(sprintf("returned %d rows", rows_out))
   wb_send_frame(out$write, "OUTPUT")
-  wb_nojit(arrow_write_stream(prep, out$write, batch_rows = batch_rows))
+  wb_nojit(arrow_write_stream(prep, prof$writer(out$write), batch_rows = batch_rows))
+  prof$add("encode", prof$now() - t0 - prof$send_time())
+  if (prof$on) log_msg(prof$line())
   log_msg("finished")
   wb_send_json(out$write, "DONE", list(rows_in = rows_in, rows_out = rows_out))
   invisible(TRUE)
@@ -618,7 +672,7 @@ local({
 # Give the child's functions the child environment as their home.
 local({
   for (nm in c("wb_child_main", "wb_log_channel", "wb_error_payload", "wb_deparse_call", "wb_as_frame", "wb_run_task",
-               "wb_nojit", "wb_with_closure_jit", "wb_traceback", "wb_split_groups", "wb_with_keys", "wb_rbind", "wb_tag"))
+               "wb_nojit", "wb_with_closure_jit", "wb_profiler", "wb_traceback", "wb_split_groups", "wb_with_keys", "wb_rbind", "wb_tag"))
     environment(.wb[[nm]]) <- .wb
 })
 

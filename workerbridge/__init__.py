@@ -21,7 +21,7 @@ The public names are imported lazily, so the child can import this package
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["spark_apply", "spark_log", "R", "log", "timeline", "__version__"]
+__all__ = ["spark_apply", "spark_log", "R", "log", "timeline", "profile", "__version__"]
 
 _LAZY = {
     "spark_apply": ("workerbridge.api", "spark_apply"),
@@ -29,6 +29,7 @@ _LAZY = {
     "R": ("workerbridge.closure", "R"),
     "log": ("workerbridge.userlog", "log"),
     "timeline": ("workerbridge.timeline", "timeline"),
+    "profile": ("workerbridge.profiling", "profile"),
 }
 
 

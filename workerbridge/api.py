@@ -60,6 +60,7 @@ OPTIONS: dict[str, tuple[Any, Optional[str]]] = {
     "batch_mode": ("partition", "batchMode"),
     "reuse": (True, "reuse"),
     "idle_timeout": (60.0, "idleTimeout"),
+    "profile": (False, "profile"),       # a per-task profile line; workerbridge.profile(spark)
 }
 UNIT_COLUMNS = ("__wb_partition", "__wb_unit")
 
@@ -104,12 +105,13 @@ def spark_apply(df, f: Union[Callable, R], schema: Any = None, **options: Any):
                             "a group is always given whole")
     if opts["barrier"] and group_by:
         raise BadInputError("barrier=True cannot be combined with group_by=")
+    profile = _flag("profile", opts["profile"])
     if opts["name"] is not None and not isinstance(opts["name"], str):
         raise BadInputError("name= must be a string")
     child_options = {"input": opts["input"], "int64": opts["int64"],
                      "partition_index_param": opts["partition_index_param"],
                      "packages": _packages(opts["packages"]), "group_by": group_by,
-                     "batch_mode": opts["batch_mode"]}
+                     "batch_mode": opts["batch_mode"], "profile": profile}
     if isinstance(f, R):
         f.check_syntax(opts["rscript"])
     closure = pack(f, opts["context"], child_options)
@@ -166,6 +168,12 @@ def log_path(spark=None) -> Optional[str]:
     """Where the session's Gateway appends its lines."""
     gw = Gateway.existing(_session_key(spark or _active_session()))
     return None if gw is None else gw.log_path
+
+
+def session_events(spark=None) -> list:
+    """The session's Gateway lines as (arrival time in epoch seconds, line) pairs."""
+    gw = Gateway.existing(_session_key(spark or _active_session()))
+    return [] if gw is None else gw.events()
 
 
 # ---- helpers ---------------------------------------------------------------------------

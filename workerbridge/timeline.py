@@ -13,6 +13,12 @@ Phases of one task, from its lines::
     apply    "retrieved N rows"                      -> "applied closure to N rows"
     send     "applied closure ..."                   -> "finished"
 
+A task run with ``profile=True`` also shows ``decode`` and ``encode``, as
+long as its profile line measured them: RScript decodes before its
+"retrieved" line and encodes after "applied" (the end of receive, the start
+of send); PyScript converts to and from pandas between those two lines (the
+start and the end of apply).
+
 A phase too short to see is widened to a couple of pixels (the phases after it
 move right by as much), so every phase of every task shows.
 
@@ -47,15 +53,20 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from .logs import parse_line
+from .phases import parse_profile
 
 PHASES = ("spawn", "receive", "apply", "send")
+PROFILED_PHASES = ("decode", "encode")       # split off receive and send by a profile line
 PHASE_TITLES = {
     "spawn": "spawn (start → child connected)",
     "receive": "connect/receive (connected → rows retrieved)",
     "apply": "apply (the closure)",
     "send": "send (result → finished)",
+    "decode": "decode (Arrow → data frame, profiled)",
+    "encode": "encode (result → Arrow, profiled)",
 }
-COLORS = {"spawn": "#4e79a7", "receive": "#f28e2b", "apply": "#59a14f", "send": "#e15759"}
+COLORS = {"spawn": "#4e79a7", "receive": "#f28e2b", "apply": "#59a14f", "send": "#e15759",
+          "decode": "#edc948", "encode": "#b07aa1"}
 FAILED_COLOR = "#000000"
 # boundary names in order; phase i runs from BOUNDARIES[i] to BOUNDARIES[i + 1]
 BOUNDARIES = ("start", "connected", "retrieved", "applied", "finished")
@@ -86,6 +97,7 @@ class TaskRun:
     empty: bool = False
     error: Optional[str] = None
     last: float = 0.0                         # time of the task's last line
+    profile: Optional[dict] = None            # the child's profile line (profile=True)
 
     @property
     def completed(self) -> bool:
@@ -135,7 +147,29 @@ class TaskRun:
                        if n not in done and BOUNDARIES[i + 1] not in self.times]
             if pending:
                 out.append((pending[0], prev, self.last))
-        return out
+        return self._split_profiled(out) if self.profile else out
+
+    def _split_profiled(self, out: list) -> list:
+        """decode and encode cut out of the phases they happen in, as long as
+        measured (capped by that phase)."""
+        measured = self.profile.get("phases", {})
+        dec, enc = float(measured.get("decode") or 0), float(measured.get("encode") or 0)
+        split = []
+        for name, a, b in out:
+            if self.language == "R" and name == "receive" and dec:
+                m = max(a, b - dec)
+                split += [("receive", a, m), ("decode", m, b)]
+            elif self.language == "R" and name == "send" and enc:
+                m = min(b, a + enc)
+                split += [("encode", a, m), ("send", m, b)]
+            elif self.language == "Python" and name == "apply" and (dec or enc):
+                m1 = min(b, a + dec)
+                m2 = max(m1, b - enc)
+                split += [p for p in (("decode", a, m1), ("apply", m1, m2), ("encode", m2, b))
+                          if p[2] > p[1] or p[0] == "apply"]
+            else:
+                split.append((name, a, b))
+        return split
 
 
 def _new_run(runs: dict, ident: str, t: float) -> TaskRun:
@@ -202,6 +236,9 @@ def apply_line(runs: dict, t: float, line: str) -> Optional[TaskRun]:
         elif msg == "finished":
             run = _run_for(runs, ident, t, "finished")
             run.times["finished"] = t
+        elif parse_profile(msg) is not None:
+            run = _run_for(runs, ident, t, "finished")
+            run.profile = parse_profile(msg)
     if rec["level"] == "ERROR" and role != "Gateway":
         run = run or _run_for(runs, ident, t)
         run.error = run.error or f"{role}: {msg}"
@@ -340,6 +377,12 @@ def _ticks(span: float, n: int = 6) -> list[float]:
     return [i * step for i in range(int(span / step) + 1)]
 
 
+def legend_phases(tasks: list[TaskRun]) -> list:
+    """The line phases, and the profiled ones when a task shows them."""
+    shown = {name for task in tasks if task.profile for name, _, _ in task.phases()}
+    return list(PHASES) + [p for p in PROFILED_PHASES if p in shown]
+
+
 # ---- HTML: one inline SVG ------------------------------------------------------------------
 def render_html(tasks: list[TaskRun], title: Optional[str] = None) -> str:
     """A self-contained HTML page: an SVG with one ``<g class="task">`` per task."""
@@ -353,7 +396,7 @@ def render_html(tasks: list[TaskRun], title: Optional[str] = None) -> str:
            f'font-family="sans-serif" font-size="12">']
     # legend
     lx = label_w
-    for name in PHASES:
+    for name in legend_phases(tasks):
         out.append(f'<rect x="{lx}" y="10" width="12" height="12" fill="{COLORS[name]}"/>'
                    f'<text x="{lx + 16}" y="20">{html.escape(PHASE_TITLES[name])}</text>')
         lx += 16 + 7 * len(PHASE_TITLES[name]) + 14
@@ -410,7 +453,7 @@ def _png_matplotlib(tasks: list[TaskRun], path: str, title: str) -> None:
     ax.set_xlabel("seconds since the first task started")
     ax.grid(axis="x", color="#dddddd")
     ax.set_axisbelow(True)
-    ax.legend(handles=[Patch(color=COLORS[p], label=PHASE_TITLES[p]) for p in PHASES],
+    ax.legend(handles=[Patch(color=COLORS[p], label=PHASE_TITLES[p]) for p in legend_phases(tasks)],
               loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=4, fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, bbox_inches="tight", pad_inches=0.2)
@@ -483,7 +526,7 @@ def _png_builtin(tasks: list[TaskRun], path: str, title: str) -> None:
     x = lambda s: label_w + s / span * plot_w  # noqa: E731
     c.text(10, 8, title)
     lx = 10
-    for name in PHASES:
+    for name in legend_phases(tasks):
         c.rect(lx, 34, lx + 14, 48, COLORS[name])
         c.text(lx + 20, 36, name)
         lx += 20 + 8 * len(name) + 30
