@@ -1,6 +1,7 @@
 """One Worker and one warm child on this machine, no Spark: the child's share of a task.
 
     .venv/bin/python bench/worker_loop.py --rows 500000 --lang r --tasks 16
+    .venv/bin/python bench/worker_loop.py --lang r --keys 1000 --profile
     WORKERBRIDGE_RPROF=/tmp/r.prof .venv/bin/python bench/worker_loop.py --lang r
     Rscript -e 'summaryRprof("/tmp/r.prof")$by.total[1:30, ]'
     .venv/bin/py-spy record --subprocesses -f raw -o /tmp/w.raw -- \\
@@ -26,7 +27,9 @@ import pyarrow as pa
 from workerbridge.closure import R, pack
 from workerbridge.gateway import Gateway
 from workerbridge.pool import POOL
+from workerbridge.profiling import summarize
 from workerbridge.runtime import Runtime
+from workerbridge.timeline import tasks_from_events
 from workerbridge.worker import TaskSpec, Worker, WorkerOptions
 
 
@@ -51,6 +54,8 @@ def main() -> None:
                     help="rows per input batch (Spark's maxRecordsPerBatch; its default is 10,000)")
     ap.add_argument("--keys", type=int, default=0,
                     help="distinct values of the string column (default: every row its own)")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile=True: print the summed phases and top functions")
     ap.add_argument("--env", nargs="*", default=[], metavar="K=V")
     args = ap.parse_args()
     table = partition(args.rows, args.keys)
@@ -58,7 +63,8 @@ def main() -> None:
     f = R("function(d) d") if args.lang == "r" else (lambda d: d)
     gw = Gateway(log_path=None)
     env = dict(kv.split("=", 1) for kv in args.env)
-    spec = TaskSpec(pack(f), Runtime.collect(args.lang == "r"), table.schema, gw.address,
+    spec = TaskSpec(pack(f, None, {"profile": args.profile}), Runtime.collect(args.lang == "r"),
+                    table.schema, gw.address,
                     WorkerOptions(reuse=True, env=env))
     times, child_cpu, own_cpu = [], [], []
     child = None
@@ -74,6 +80,8 @@ def main() -> None:
                 child = psutil.Process(worker.child.pid)
             child_cpu.append(sum(child.cpu_times()[:2]) - before)
             assert rows == args.rows
+        if args.profile:          # the warm tasks only
+            print(summarize(tasks_from_events(gw.events())[1:]))
     finally:
         POOL.close_all()
         gw.stop()

@@ -610,12 +610,21 @@ def test_dictionaries_both_ways(tmp_path):
     src = tmp_path / "replaced.arrow"
     write_stream(src, batches, batches[0].schema)
     out = tmp_path / "replaced-out.arrow"
+    bad = []                       # indices past either end of the dictionary: codec errors
+    for i, (idx, itype) in enumerate((([0, 5, None], pa.int32()), ([-1, 0], pa.int8()))):
+        col = pa.DictionaryArray.from_arrays(pa.array(idx, itype), pa.array(["a"]), safe=False)
+        bad.append(tmp_path / f"bad-index-{i}.arrow")
+        write_stream(bad[-1], [pa.record_batch([col], names=["c"])], pa.schema([("c", col.type)]))
     jobs = [{"mode": "values", "in": str(src), "info": str(tmp_path / "rv.json")},
             {"mode": "roundtrip", "in": str(src), "out": str(out), "info": str(tmp_path / "rr.json")},
             {"mode": "rstream", "frames": ["rep_a", "rep_b", "rep_a"], "out": str(tmp_path / "rs.arrow"),
              "info": str(tmp_path / "rs.json")}]
-    run_driver(tmp_path, jobs)
+    bad_jobs = [{"mode": "values", "in": str(p), "info": str(p) + ".json"} for p in bad]
+    run_driver(tmp_path, jobs + bad_jobs)
     rv, rr, rs = (load_info(j) for j in jobs)
+    for job in bad_jobs:
+        info = load_info(job)
+        assert "dictionary index out of range" in info["error"] and info["column"] == "c", info
     want = pa.chunked_array(plain).to_pylist()
     assert "error" not in rv, rv
     for name in ("d32", "d8", "d16", "d64"):
