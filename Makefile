@@ -49,6 +49,8 @@ clean:
 # report: build/rcheck/workerbridge.Rcheck/00check.log.
 R_DEBS := r-cran-reticulate r-cran-testthat r-cran-codetools
 RCHECK := build/rcheck
+# the package's files, staged so that R CMD build does not copy .venv first
+R_PKG  := DESCRIPTION NAMESPACE .Rbuildignore R man tests/testthat.R tests/testthat
 .PHONY: r-deps r-check
 setup: r-deps
 test: r-check
@@ -60,8 +62,9 @@ r-deps: system
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(R_DEBS); }
 
 r-check: r-deps $(STAMP)
-	rm -rf $(RCHECK) && mkdir -p $(RCHECK)
-	cd $(RCHECK) && R CMD build --no-build-vignettes --no-manual $(CURDIR)
+	rm -rf $(RCHECK) && mkdir -p $(RCHECK)/workerbridge
+	cp -r --parents $(R_PKG) $(RCHECK)/workerbridge
+	cd $(RCHECK) && R CMD build --no-build-vignettes --no-manual workerbridge
 	cd $(RCHECK) && WORKERBRIDGE_PYTHON=$(abspath $(PY)) _R_CHECK_SYSTEM_CLOCK_=0 \
 	  R CMD check --no-manual workerbridge_*.tar.gz || { \
 	  cat workerbridge.Rcheck/tests/testthat.Rout.fail 2>/dev/null; exit 1; }

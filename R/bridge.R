@@ -39,7 +39,8 @@ wb_python_path <- function(python = NULL) {
 wb_start_python <- function(python) {
   if (reticulate::py_available(initialize = FALSE)) {
     running <- reticulate::py_config()$python
-    if (!identical(normalizePath(running, mustWork = FALSE), normalizePath(python, mustWork = FALSE)))
+    if (!identical(file.path(normalizePath(dirname(running), mustWork = FALSE), basename(running)),
+                   python))
       stop(sprintf(paste0("this R session already runs Python '%s' (reticulate starts one per ",
                           "session); restart R to use '%s'"), running, python), call. = FALSE)
   } else {

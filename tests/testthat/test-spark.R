@@ -113,6 +113,8 @@ test_that("bad input carries the same text as the Python spark_apply raises", {
   expect_error(spark_apply(x, function(d) d, colums = 1), "unknown option\\(s\\) \\['colums'\\]",
                class = "wb_bad_input")
   expect_error(spark_apply(iris, function(d) d), "wb_copy_to")
+  expect_error(wb_connect(python = Sys.which("python3")), "already runs Python")
+  expect_error(wb_copy_to(sc, 1:3), "df must be a data.frame")
   expect_error(spark_apply(x, "function(d) d"), "must be an R function")
 })
 
@@ -130,6 +132,7 @@ test_that("a missing R package and a breached timeout fail clearly", {
   expect_lt(as.numeric(difftime(Sys.time(), t0, units = "secs")), 45)
 })
 
+# (schema inference on the driver runs as task "driver-N")
 test_that("spark_log returns the lifecycle lines as a character vector", {
   sc <- test_spark()
   x <- wb_copy_to(sc, data.frame(v = 1:7), repartition = 1)
@@ -138,7 +141,7 @@ test_that("spark_log returns the lifecycle lines as a character vector", {
   expect_type(lines, "character")
   expect_true(all(grepl("RScript", lines, fixed = TRUE)))
   expect_true(all(grepl(paste0("^\\d\\d/\\d\\d/\\d\\d \\d\\d:\\d\\d:\\d\\d [A-Z]+ workerbridge: ",
-                               "(Gateway|Worker|RScript|RClosure) \\(\\d+\\) "), lines)))
+                               "(Gateway|Worker|RScript|RClosure) \\((driver-)?\\d+\\) "), lines)))
   expect_true(any(grepl("applied closure to 7 rows", lines, fixed = TRUE)))
   expect_true(any(grepl("RClosure \\(\\d+\\) hello from R", spark_log(sc, filter = "RClosure"))))
   expect_length(spark_log(sc, n = 3), 3L)
