@@ -49,7 +49,12 @@ wb_start_python <- function(python) {
     Sys.setenv(RETICULATE_PYTHON = python)
     reticulate::use_python(python, required = TRUE)
   }
-  bridge <- tryCatch(reticulate::import("workerbridge.rbridge", convert = FALSE),
+  # the flat layout, or the layered one (workerbridge/driver/)
+  module <- "workerbridge.rbridge"
+  if (!reticulate::py_module_available(module) &&
+      reticulate::py_module_available("workerbridge.driver.rbridge"))
+    module <- "workerbridge.driver.rbridge"
+  bridge <- tryCatch(reticulate::import(module, convert = FALSE),
                      error = function(e) stop(sprintf(paste0(
                        "the Python at '%s' cannot import workerbridge: %s\nHint: install it ",
                        "there (in a checkout: make setup), or pass python= one that has it"),

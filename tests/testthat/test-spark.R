@@ -115,6 +115,15 @@ test_that("bad input carries the same text as the Python spark_apply raises", {
   expect_error(spark_apply(iris, function(d) d), "wb_copy_to")
   expect_error(wb_connect(python = Sys.which("python3")), "already runs Python")
   expect_error(wb_copy_to(sc, 1:3), "df must be a data.frame")
+  expect_error(wb_copy_to(sc, data.frame(a.b = 1, a_b = 2)), "duplicate column names .*a_b")
+  bad <- data.frame(id = 1:2)
+  bad$l <- list(1, "a")
+  expect_error(wb_copy_to(sc, bad), "cannot copy the data.frame to Spark: column 'l'")
+  expect_error(wb_collect(42), "x must be a Spark DataFrame")
+  expect_error(spark_apply(x, function(d) d, 60), "must be named")
+  expect_error(wb_connect(config = list(1)), "named list")
+  expect_error(spark_apply(x, function(d) data.frame(a = 1, b = 2), columns = c("only_one")),
+               "columns= names 1 columns, but the result has 2", class = "wb_error")
   expect_error(spark_apply(x, "function(d) d"), "must be an R function")
 })
 
@@ -146,4 +155,17 @@ test_that("spark_log returns the lifecycle lines as a character vector", {
   expect_true(any(grepl("RClosure \\(\\d+\\) hello from R", spark_log(sc, filter = "RClosure"))))
   expect_length(spark_log(sc, n = 3), 3L)
   expect_error(spark_log(sc, n = "x"), "n= takes")
+})
+
+test_that("a Python without workerbridge is refused with a hint", {
+  py3 <- Sys.which("python3")
+  skip_if(!nzchar(py3), "no python3 on the PATH")
+  has <- suppressWarnings(system2(py3, c("-c", shQuote("import workerbridge")),
+                                  stdout = FALSE, stderr = FALSE))
+  skip_if(has == 0L, "this python3 has workerbridge installed")
+  script <- tempfile(fileext = ".R")
+  writeLines(sprintf("library(workerbridge); wb_connect(python = '%s')", py3), script)
+  out <- suppressWarnings(system2(file.path(R.home("bin"), "Rscript"), script,
+                                  stdout = TRUE, stderr = TRUE))
+  expect_match(paste(out, collapse = "\n"), "cannot import workerbridge.*Hint: install it there")
 })
