@@ -12,6 +12,8 @@
 # Exit status: 0 after BYE or EOF while waiting for a TASK; 1 on a protocol
 # error (message on stderr); 2 when it cannot start (no port, no secret, ...).
 #
+# CLOSURE: R source whose value is the function, or (options closure_format
+# "serialized") the R package's serialize()d closure, see wb_unserialize_closure.
 # TASK fields used: partition, r_lib and options$ship_r (shipped packages,
 # rscripts/shipped.R), closure_hash (an empty CLOSURE frame reuses the
 # closure received earlier under that hash), context, barrier, packages (top
@@ -354,6 +356,23 @@ local({
                paste(class(x), collapse = "/")), call. = FALSE)
 }
 
+# A closure the R package serialized (CLOSURE frame of a TASK with options
+# closure_format "serialized"; read only after the handshake): list(kind, f,
+# context, globals), globals being the environment of the captured variables
+# and helpers (parent: the global environment).  Returns f with its context as
+# attribute "wb_context" (a list of one value, kept with f in the warm cache).
+.wb$wb_unserialize_closure <- function(raw, env) {
+  obj <- unserialize(raw)
+  if (!is.list(obj) || !identical(obj$kind, "workerbridge R closure") || !is.function(obj$f))
+    stop("the CLOSURE frame does not hold a closure serialized by the workerbridge R package",
+         call. = FALSE)
+  if (is.environment(obj$globals))
+    assign("worker_log", get("worker_log", envir = env), envir = obj$globals)
+  f <- obj$f
+  attr(f, "wb_context") <- list(obj$context)
+  f
+}
+
 # Run `expr` with the byte-code JIT off: the codec's functions then run
 # interpreted, which for one task costs less than compiling them (~0.5 s).
 # The user's closure still runs under the session's JIT setting
@@ -429,7 +448,8 @@ local({
   on.exit(prof$stop())
 
   src_raw <- wb_expect(con, "CLOSURE")
-  src <- rawToChar(src_raw)
+  serialized <- identical(opts$closure_format, "serialized")
+  src <- if (serialized) "" else rawToChar(src_raw)
   Encoding(src) <- "UTF-8"
 
   send_error <- function(payload) wb_send_json(out$write, "ERROR", payload)
@@ -473,13 +493,17 @@ local({
                       call = NULL, traceback = I(character(0)))
   } else if (is.null(failure)) {
     f <- tryCatch({
-      exprs <- parse(text = src, keep.source = FALSE, encoding = "UTF-8")
-      val <- NULL
-      for (ex in exprs) val <- eval(ex, env)
-      val
+      if (serialized) wb_unserialize_closure(src_raw, env)
+      else {
+        exprs <- parse(text = src, keep.source = FALSE, encoding = "UTF-8")
+        val <- NULL
+        for (ex in exprs) val <- eval(ex, env)
+        val
+      }
     }, error = function(e) {
       p <- wb_error_payload("closure", e)
-      p$message <- paste0("could not evaluate the closure source: ", conditionMessage(e))
+      p$message <- paste0(if (serialized) "could not load the serialized closure: "
+                          else "could not evaluate the closure source: ", conditionMessage(e))
       cl <- conditionCall(e)
       if (is.call(cl) && identical(cl[[1L]], quote(parse))) p["call"] <- list(NULL)   # our own call
       failure <<- p
@@ -539,6 +563,7 @@ local({
   # call the closure: f(df), or f(df, context) when it takes two or more
   # arguments or `...`; the partition index as `index_param` and the barrier
   # infos as `barrier` when f has parameters of those names
+  if (!is.null(attr(f, "wb_context", exact = TRUE))) context <- attr(f, "wb_context", exact = TRUE)[[1L]]
   fmls <- formals(f)
   if (is.null(fmls) && is.primitive(f)) fmls <- formals(args(f))
   fnames <- names(fmls)
@@ -731,7 +756,7 @@ local({
 local({
   for (nm in c("wb_child_main", "wb_log_channel", "wb_error_payload", "wb_deparse_call", "wb_as_frame", "wb_run_task",
                "wb_nojit", "wb_with_closure_jit", "wb_profiler", "wb_traceback", "wb_split_groups", "wb_with_keys", "wb_rbind", "wb_tag",
-               "wb_watch_parent", "wb_baseline", "wb_enter_job"))
+               "wb_watch_parent", "wb_baseline", "wb_enter_job", "wb_unserialize_closure"))
     environment(.wb[[nm]]) <- .wb
 })
 
