@@ -26,14 +26,15 @@ import pyarrow as pa
 import pytest
 
 from workerbridge import R
-from workerbridge import _bootstrap
-from workerbridge import protocol as P
-from workerbridge.closure import pack
-from workerbridge.errors import ChildDiedError, LimitError, TaskError, TransportError
-from workerbridge.gateway import Gateway
-from workerbridge.runtime import Runtime
-from workerbridge.supervise import with_parent_death_signal
-from workerbridge.worker import TaskSpec, Worker, WorkerOptions
+from workerbridge.driver.closure import pack
+from workerbridge.driver.gateway import Gateway
+from workerbridge.task import bootstrap as _bootstrap
+from workerbridge.task.runtime import Runtime
+from workerbridge.task.spec import TaskSpec, WorkerOptions
+from workerbridge.task.supervise import with_parent_death_signal
+from workerbridge.task.worker import CHILD_MODULE, Worker
+from workerbridge.wire import protocol as P
+from workerbridge.wire.errors import ChildDiedError, LimitError, TaskError, TransportError
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -81,14 +82,16 @@ def run_task(f, options=None, batches=None, spec_job=None, gw=None):
     own = gw is None
     gw = gw or Gateway(log_path=None)
     try:
-        spec = TaskSpec(pack(f), Runtime.collect(isinstance(f, R)), None, gw.address,
+        runtime = Runtime.collect(isinstance(f, R))
+        root = str(runtime.materialize())
+        spec = TaskSpec(pack(f), runtime.digest, None, gw.address,
                         WorkerOptions(**(options or {})))
         if spec_job is not None:
-            spec = TaskSpec(spec.closure, spec.runtime, None, gw.address, spec.options,
+            spec = TaskSpec(spec.closure, spec.runtime_digest, None, gw.address, spec.options,
                             job=spec_job)
         data = batches if batches is not None else pa.table({"x": list(range(20))}).to_batches()
         try:
-            return list(Worker(spec, 3, "hard").run(data)), gw.lines(n=None)
+            return list(Worker(spec, 3, "hard", root=root).run(data)), gw.lines(n=None)
         except TaskError as e:
             e.lines = gw.lines(n=None)
             raise
@@ -226,14 +229,17 @@ import sys, time
 sys.path.insert(0, {src!r})
 import pyarrow as pa
 from workerbridge import R
-from workerbridge.closure import pack
-from workerbridge.runtime import Runtime
-from workerbridge.worker import TaskSpec, Worker, WorkerOptions
+from workerbridge.driver.closure import pack
+from workerbridge.task.runtime import Runtime
+from workerbridge.task.spec import TaskSpec, WorkerOptions
+from workerbridge.task.worker import Worker
 lang, opts = sys.argv[1], {opts!r}
 def run(code):
     f = eval(code) if lang == "python" else R(code)
-    spec = TaskSpec(pack(f), Runtime.collect(lang == "r"), None, None, WorkerOptions(**opts))
-    return list(Worker(spec, 0, "t").run(pa.table({{"x": [1, 2]}}).to_batches()))
+    runtime = Runtime.collect(lang == "r")
+    spec = TaskSpec(pack(f), runtime.digest, None, None, WorkerOptions(**opts))
+    worker = Worker(spec, 0, "t", root=str(runtime.materialize()))
+    return list(worker.run(pa.table({{"x": [1, 2]}}).to_batches()))
 run("lambda d: d" if lang == "python" else "function(d) d")
 print("first task done", flush=True)
 run("lambda d: __import__('time').sleep(120)" if lang == "python"
@@ -270,7 +276,7 @@ def _child_of(parent: int, timeout: float = 60) -> psutil.Process:
         for p in psutil.Process(parent).children(recursive=True):
             try:
                 cmd = " ".join(p.cmdline())
-                if ("workerbridge.child_python" in cmd and "-c" in p.cmdline()[1:2]) or \
+                if (CHILD_MODULE in cmd and "-c" in p.cmdline()[1:2]) or \
                         (p.name() == "R" and "child.R" in cmd):
                     return p
             except psutil.Error:
@@ -595,7 +601,7 @@ R_LOOK = ("function(d) { d$env <- Sys.getenv('WB_LEFT'); d$opt <- !is.null(getOp
 
 @pytest.mark.parametrize("lang", ["python", "r"])
 def test_warm_child_does_not_carry_one_jobs_state_into_another(lang, tmp_path, monkeypatch):
-    from workerbridge.pool import POOL
+    from workerbridge.task.pool import POOL
     monkeypatch.chdir(tmp_path)
     leave, look = (py_leave_state, py_look_at_state) if lang == "python" else \
         (R(R_LEAVE), R(R_LOOK))
