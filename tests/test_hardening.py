@@ -498,7 +498,7 @@ LYING_CHILD = """
 import os, socket, sys
 sys.path.insert(0, os.environ["WB_SRC"])
 import pyarrow as pa
-from workerbridge import protocol as P
+from workerbridge.wire import protocol as P
 secret = sys.stdin.buffer.readline().strip()
 s = socket.create_connection(("127.0.0.1", int(os.environ[P.ENV_PORT])))
 P.send_frame(s, P.AUTH, secret)
