@@ -9,7 +9,8 @@
 Runs the same partition (rows x (2 long, 2 double, 1 string), in Arrow
 batches as Spark sends them) through Worker.run with reuse on, the
 identity closure (batches of --batch-rows input rows), and prints each task's wall time and the median of the warm
-ones (the first task starts the child).  ``--env K=V`` passes variables to the
+ones (the first task starts the child).  ``--groups G`` runs ``sum(x)`` per
+group of ``k = a mod G`` instead (``group_by``): the child's grouped path.  ``--env K=V`` passes variables to the
 child (for example R_VSIZE=64M to compare R's default heap).
 """
 
@@ -45,21 +46,29 @@ def main() -> None:
     ap.add_argument("--batch-rows", type=int, default=100_000,
                     help="rows per input batch (Spark's maxRecordsPerBatch; its default is 10,000)")
     ap.add_argument("--env", nargs="*", default=[], metavar="K=V")
+    ap.add_argument("--groups", type=int, default=0, help="sum(x) per group of a mod G")
     args = ap.parse_args()
     table = partition(args.rows)
-    batches = table.to_batches(max_chunksize=args.batch_rows)
     f = R("function(d) d") if args.lang == "r" else (lambda d: d)
+    options, out_schema = {}, table.schema
+    if args.groups:
+        import pandas as pd
+        table = table.append_column("k", pa.array(np.arange(args.rows) % args.groups))
+        f = R("function(d) data.frame(s = sum(d$x))") if args.lang == "r" else \
+            (lambda d: pd.DataFrame({"s": [d.x.sum()]}))
+        options, out_schema = {"group_by": ["k"]}, pa.schema([("k", pa.int64()), ("s", pa.float64())])
+    batches = table.to_batches(max_chunksize=args.batch_rows)
     gw = Gateway(log_path=None)
     env = dict(kv.split("=", 1) for kv in args.env)
-    spec = TaskSpec(pack(f), Runtime.collect(args.lang == "r"), table.schema, gw.address,
-                    WorkerOptions(reuse=True, env=env))
+    spec = TaskSpec(pack(f, None, options), Runtime.collect(args.lang == "r"), out_schema,
+                    gw.address, WorkerOptions(reuse=True, env=env))
     times = []
     try:
         for i in range(args.tasks):
             t0 = time.perf_counter()
-            rows = sum(b.num_rows for b in Worker(spec, 0, f"loop-{i}").run(iter(batches)))
+            rows = sum(b.num_rows for b in Worker(spec, 0, i).run(iter(batches)))
             times.append(time.perf_counter() - t0)
-            assert rows == args.rows
+            assert rows == (args.groups or args.rows)
     finally:
         POOL.close_all()
         gw.stop()

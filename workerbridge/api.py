@@ -20,6 +20,7 @@ from . import __version__, _bootstrap
 from .closure import R, R_LANG, pack
 from .errors import BadInputError
 from .gateway import Gateway
+from .logs import SAMPLE_ID_BASE
 from .runtime import Runtime
 from .supervise import parse_bytes
 from .schema import arrow_to_struct, spark_arrow_schema, to_struct
@@ -36,7 +37,7 @@ try:
     _spark_cloudpickle.register_pickle_by_value(_bootstrap)
 except ImportError:                       # pragma: no cover - pyspark is a dependency
     pass
-_inference_ids = itertools.count(1)
+_inference_ids = itertools.count(SAMPLE_ID_BASE + 1)   # log ids of schema samples
 
 # option name -> (default, conf key suffix or None)
 OPTIONS: dict[str, tuple[Any, Optional[str]]] = {
@@ -141,13 +142,12 @@ def spark_apply(df, f: Union[Callable, R], schema: Any = None, **options: Any):
     # inside it names only their digest.
     spec = TaskSpec(closure, Runtime({}, runtime.digest),
                     spark_arrow_schema(struct, large == "true"), gateway.address,
-                    worker_options, name)
+                    worker_options, name, input_names=tuple(df.columns))
     task = _bootstrap.make_task(runtime.blob(), runtime.digest, __version__,
                                 cloudpickle.dumps(spec), opts["barrier"])
     if name:
         task.__name__ = task.__qualname__ = _identifier(name)
-    source = df.repartition(*group_by) if group_by else df
-    out = source.mapInArrow(task, struct, barrier=opts["barrier"])
+    out = _placeholder_named(df, group_by).mapInArrow(task, struct, barrier=opts["barrier"])
     return out if fetch else _fetch_units(out)
 
 
@@ -183,6 +183,18 @@ def _group_columns(df, group_by) -> list:
     if len(set(cols)) != len(cols):
         raise BadInputError(f"group_by= names a column twice: {cols}")
     return cols
+
+
+def _placeholder_named(df, group_by: list):
+    """``df`` with its columns renamed by position to ``_wb0``, ``_wb1``, ...
+    (and repartitioned by the group columns): PySpark's mapInArrow and
+    repartition resolve names, which fails for a dot, a backtick or a space.
+    The Worker gives the batches their real names back (``input_names``)."""
+    safe = [f"_wb{i}" for i in range(len(df.columns))]
+    source = df.toDF(*safe)
+    if group_by:
+        source = source.repartition(*[safe[df.columns.index(k)] for k in group_by])
+    return source
 
 
 def _groups_first(struct, source, group_by: list):
@@ -300,7 +312,9 @@ def _infer(df, spec: TaskSpec, sample_rows: int):
     if sample.num_rows == 0:
         raise BadInputError("cannot infer the output schema: the input has no rows to sample; "
                             "pass schema=")
-    worker = Worker(spec, partition="sample", task_id=f"driver-{next(_inference_ids)}")
+    # partition 0: the closure sees a real integer index; the log lines say
+    # "schema sample" and carry a number of their own (SAMPLE_ID_BASE and up)
+    worker = Worker(spec, partition=0, task_id=next(_inference_ids), sample=True)
     batches = list(worker.run(sample.to_batches()))
     if not batches:
         raise BadInputError("cannot infer the output schema: the closure returned nothing for "
@@ -308,7 +322,19 @@ def _infer(df, spec: TaskSpec, sample_rows: int):
     if batches[0].num_columns == 0:
         raise BadInputError("cannot infer the output schema: the closure returned no columns; "
                             "pass schema=")
-    return arrow_to_struct(batches[0].schema)
+    return _typed_like_input(arrow_to_struct(batches[0].schema), batches[0].schema, df.schema)
+
+
+def _typed_like_input(struct, arrow_schema, source):
+    """An all-null result column (Arrow type null: nothing to infer from) named
+    like an input column takes the input column's type, not string."""
+    import pyarrow as pa
+    from pyspark.sql.types import StructField, StructType
+    have = set(source.names)
+    return StructType([
+        StructField(f.name, source[f.name].dataType, True)
+        if pa.types.is_null(arrow_schema.field(i).type) and f.name in have else f
+        for i, f in enumerate(struct.fields)])
 
 
 def _active_session():

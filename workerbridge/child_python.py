@@ -170,6 +170,10 @@ def run_task(task: dict, stream, channel: Channel, closures: dict) -> None:
         return run_batches(packed, reader, task, channel)
     channel.log(f"retrieved {table.num_rows} rows")
     channel.log(f"retrieved {table.num_columns} column names")
+    if task.get("options", {}).get("input") != "arrow":
+        for name in nan_columns(table):
+            channel.log(f"column '{name}': NaN becomes null on its way through pandas, which "
+                        "has one missing value (input='arrow' keeps NaN)", "WARN")
     try:
         out, groups = apply(packed["func"], table, packed.get("context"), task)
     except _Failed as failed:
@@ -222,6 +226,14 @@ def run_batches(packed, reader, task: dict, channel: Channel) -> None:
     channel.log(f"returned {output.rows} rows")
     channel.log("finished")
     P.send_json(channel.sock, P.DONE, {"rows_in": rows_in, "rows_out": output.rows})
+
+
+def nan_columns(table) -> list:
+    """The floating-point columns that hold a NaN."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    return [f.name for f, col in zip(table.schema, table.columns)
+            if pa.types.is_floating(f.type) and pc.any(pc.is_nan(col)).as_py()]
 
 
 def _drain(reader) -> None:
@@ -286,10 +298,65 @@ def tag(out, task: dict, unit: int):
 
 
 def split_groups(table, keys: list) -> list:
-    """The partition's rows split into whole groups, in order of first appearance."""
-    frame = table.select(keys).to_pandas()
-    index = frame.groupby(keys, sort=False, dropna=False).indices
-    return [table.take(rows) for rows in index.values()]
+    """The partition's rows split into whole groups, in order of first appearance.
+
+    Keys are exact: each key column becomes integer codes of its values (null
+    a value of its own, every NaN one value, -0.0 equal to 0.0, as in Spark's
+    groupBy), never floats or text, so 2^53 and 2^53 + 1 stay apart."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    if table.num_rows == 0:
+        return []
+    code = None
+    for k in keys:
+        codes, size = key_codes(table.column(k))
+        if code is None:
+            code = codes
+            continue
+        code = code * size + codes                        # < rows * rows: fits int64
+        code = _dense_codes(pa.array(code))[0]
+    order = np.argsort(code, kind="stable")
+    bounds = np.cumsum(np.bincount(code))[:-1]
+    return [table.take(rows) for rows in np.split(order, bounds)]
+
+
+def key_codes(col) -> tuple:
+    """A key column's values as dense int64 codes 0..m-1 in order of first
+    appearance, and m."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    if pa.types.is_floating(col.type):
+        col = pc.add(pc.if_else(pc.is_nan(col), pa.scalar(float("nan"), col.type), col),
+                     pa.scalar(0.0, col.type))              # one NaN; -0.0 + 0.0 is 0.0
+    try:
+        return _dense_codes(col)
+    except (pa.ArrowNotImplementedError, pa.ArrowTypeError):   # nested types: by value
+        seen: dict = {}
+        values = [seen.setdefault(_hashable(v), len(seen)) for v in col.to_pylist()]
+        return pa.array(values, pa.int64()).to_numpy(), len(seen)
+
+
+def _dense_codes(col) -> tuple:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    enc = pc.dictionary_encode(col, null_encoding="encode")
+    chunks = enc.chunks if isinstance(enc, pa.ChunkedArray) else [enc]
+    if not chunks:
+        return np.zeros(0, np.int64), 0
+    codes = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in chunks])
+    return codes.astype(np.int64, copy=False), len(chunks[0].dictionary)
+
+
+def _hashable(v):
+    if isinstance(v, dict):
+        return ("d",) + tuple((k, _hashable(x)) for k, x in v.items())
+    if isinstance(v, (list, tuple)):
+        return ("l",) + tuple(_hashable(x) for x in v)
+    if isinstance(v, float) and v != v:
+        return ("nan",)
+    return ("v", v + 0.0 if isinstance(v, float) else v)
 
 
 def with_keys(out, part, keys: list):

@@ -150,7 +150,7 @@ def _run_child(closure, with_r: bool, options) -> tuple[list, list[str]]:
     gw = Gateway(log_path=None)
     try:
         spec = TaskSpec(closure, Runtime.collect(with_r), None, gw.address, options)
-        batches = list(Worker(spec, 0, "doctor").run(pa.table({"x": [1.0, 2.0, 3.0]}).to_batches()))
+        batches = list(Worker(spec, 0, os.getpid()).run(pa.table({"x": [1.0, 2.0, 3.0]}).to_batches()))
         return batches, gw.lines(n=None)
     finally:
         gw.stop()

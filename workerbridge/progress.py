@@ -31,7 +31,7 @@ import time
 import weakref
 from typing import Callable, Optional
 
-from .logs import parse_line
+from .logs import is_sample_id, parse_line
 from .timeline import _COMPLETED, _EMPTY, _RETRIEVED, _RETURNED, _START, SCRIPT_ROLES
 
 BACKENDS = ("auto", "rich", "tqdm", "plain")
@@ -165,7 +165,7 @@ class Progress:
 
     def _feed(self, line: str) -> None:
         rec = parse_line(line)
-        if rec is None or rec["id"].startswith("driver-") or rec["role"] == "Gateway":
+        if rec is None or is_sample_id(rec["id"]) or rec["role"] == "Gateway":
             return
         role, msg = rec["role"], rec["message"]
         with self._lock:

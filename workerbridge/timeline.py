@@ -46,7 +46,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-from .logs import parse_line
+from .logs import is_sample_id, parse_line
 
 PHASES = ("spawn", "receive", "apply", "send")
 PHASE_TITLES = {
@@ -97,7 +97,7 @@ class TaskRun:
 
     @property
     def on_driver(self) -> bool:
-        return self.id.startswith("driver-")
+        return is_sample_id(self.id)
 
     @property
     def start(self) -> float:
