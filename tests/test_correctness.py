@@ -194,3 +194,17 @@ def test_r_lossy_conversions_warn_naming_the_column(spark):
     assert any("'int_min_col'" in ln and "-2147483648" in ln for ln in warns), warns
     assert any("'wide_dec'" in ln and "significant digits" in ln for ln in warns), warns
     assert not any("narrow_dec" in ln for ln in warns), warns
+
+
+# ---- Python: nested types, wide decimals and all-null columns survive pandas ---------------
+def test_python_identity_keeps_maps_structs_decimals_and_null_columns(spark):
+    import decimal
+    ddl = ("m map<string, double>, st struct<i: int, s: string>, arr array<bigint>, "
+           "dec decimal(38, 10), nul int")
+    rows = [({"a": 1.5, "b": None}, (1, "x"), [2**63 - 1, None], decimal.Decimal("1234567890123.0000000001"), None),
+            (None, None, None, None, None)]
+    df = spark.createDataFrame(rows, ddl).repartition(1)
+    given_schema = spark_apply(df, lambda d: d, schema=df.schema).collect()
+    assert sorted(map(repr, given_schema)) == sorted(map(repr, df.collect()))
+    inferred = spark_apply(df, lambda d: d)
+    assert inferred.schema.simpleString() == df.schema.simpleString()

@@ -271,7 +271,7 @@ def apply(func, table, context, task: dict):
         except BaseException as e:                    # noqa: BLE001
             raise _Failed("closure", e) from None
         try:
-            out = to_table(result)
+            out = to_table(result, like=part.schema)
         except BaseException as e:                    # noqa: BLE001
             raise _Failed("result", e) from None
         if not keys:
@@ -420,7 +420,7 @@ def _takes_two(func, exclude=frozenset()) -> bool:
     return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in sig.parameters.values())
 
 
-def to_table(result):
+def to_table(result, like=None):
     """What a closure may return, as one ``pyarrow.Table``.
 
     A DataFrame, Table, RecordBatch or dict of columns is a table; a list,
@@ -440,7 +440,7 @@ def to_table(result):
         _check_columns(list(result.columns))
         if result.shape[1] == 0:                   # keep the row count of a column-less frame
             return pa.table({"_": pa.nulls(len(result))}).drop(["_"])
-        return pa.Table.from_pandas(result, preserve_index=False)
+        return from_pandas(result, like)
     if isinstance(result, dict):
         scalars = all(pd.api.types.is_scalar(v) for v in result.values())
         return to_table(pd.DataFrame([result]) if scalars and result else pd.DataFrame(result))
@@ -462,6 +462,30 @@ def to_table(result):
         f"the closure returned a {type(result).__module__}.{type(result).__qualname__}; "
         "return a pandas DataFrame, a pyarrow Table or RecordBatch, a dict of columns, "
         "a list of those, or a Series/array/list/scalar (one column named 'result')")
+
+
+def from_pandas(frame, like=None):
+    """A DataFrame as a Table.  An object column named like a column of the
+    input schema ``like`` is converted to that column's type first (a map, a
+    decimal's precision, an all-null column keep their types); inferred when
+    that does not fit, as every other column is."""
+    import pyarrow as pa
+    hinted = {}
+    if like is not None:
+        for name in frame.columns:
+            if frame[name].dtype == object and like.get_field_index(name) >= 0:
+                try:
+                    hinted[name] = pa.array(frame[name], type=like.field(name).type,
+                                            from_pandas=True)
+                except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError,
+                        OverflowError, TypeError, ValueError):
+                    pass
+    if not hinted:
+        return pa.Table.from_pandas(frame, preserve_index=False)
+    rest = [c for c in frame.columns if c not in hinted]
+    inferred = pa.Table.from_pandas(frame[rest], preserve_index=False) if rest else None
+    arrays = [hinted[c] if c in hinted else inferred.column(c) for c in frame.columns]
+    return pa.Table.from_arrays(arrays, names=list(frame.columns))
 
 
 def _check_columns(names: list) -> None:
