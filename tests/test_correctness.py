@@ -18,7 +18,7 @@ import pyarrow as pa
 import pytest
 
 from workerbridge import R, spark_apply, spark_log
-from workerbridge.logs import parse_line
+from workerbridge.wire.logline import parse_line
 
 LANGS = ["python", "r"]
 COUNT = {"python": lambda d: {"n": len(d)}, "r": "function(d) data.frame(n = nrow(d))"}
@@ -168,7 +168,7 @@ def test_r_rbind_refuses_incompatible_classes(spark):
 
 # ---- item 7: joined input batches that Arrow splits are all sent ---------------------------
 def test_joined_batches_keep_every_row():
-    from workerbridge.worker import joined_batches
+    from workerbridge.task.worker import joined_batches
     # one 1.1 GiB buffer shared by two batches (zero copy): joined, the strings
     # pass the 32-bit offsets and Arrow returns two chunks
     size = 1_100_000_000

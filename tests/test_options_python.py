@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from workerbridge import R, spark_apply, spark_log
-from workerbridge.errors import BadInputError
-from workerbridge.logs import is_sample_id, parse_line
+from workerbridge.wire.errors import BadInputError
+from workerbridge.wire.logline import is_sample_id, parse_line
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,610 @@
+"""The Worker: runs one partition task through a child process.
+
+Covers: the backend socket (127.0.0.1, ephemeral port, one authenticated
+connection), spawning the child with a per-task secret on its stdin, the
+handshake, streaming Arrow batches to the child on a writer thread while the
+task's thread reads the child's frames, casting the result to the output
+schema, and turning every way a child can fail into a typed error that names
+the partition and the language.  Reads wait on the socket and the child
+process together, so a dead child is seen at once.  Does not cover: Spark
+(``api`` hands it an iterator of batches), the children themselves.
+
+The same code runs on the driver for schema inference (no output schema).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import re
+import secrets
+import selectors
+import shutil
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import pyarrow as pa
+
+from ..wire import protocol as P
+from ..wire.errors import R_INSTALL_HINT, ChildDiedError, ClosureError, LimitError, TaskError, TransportError
+from ..wire.lifecycle import language_of, line
+from ..wire.logline import level_of
+from .artifacts import PYTHON_ENV, R_PACKAGES, ShipError, describe, env_python, finish_env, unpack
+from .backend import accept_child, new_selector
+from . import dictionary
+from .conform import conform
+from .logsink import LogSink
+from .pool import POOL, Warm
+from .spec import R_LANG, TaskSpec
+from .supervise import Child, exit_name, format_bytes, tree_rss
+
+POLL_S = 0.2
+CHILD_MODULE = "workerbridge.child.python"   # run with -m; tests match it in a cmdline
+COALESCE_ROWS = 100_000        # input rows joined into one batch for the child
+COALESCE_BYTES = 16 * 2**20    # ... or bytes, whichever comes first
+LOG_FRAME_KEEP = 1 << 20       # a LOG frame above this is read as its head only
+# The Python child is started with -c, not -m: this drops the working
+# directory from the front of sys.path (what -P does, for any Python 3).
+PY_CHILD_MAIN = ("import runpy, sys\n"
+                 "if sys.path[:1] == ['']: del sys.path[0]\n"
+                 "runpy.run_module('" + CHILD_MODULE + "', run_name='__main__', "
+                 "alter_sys=True)\n")
+
+
+R_MIN_VSIZE = 256 * 2**20       # R's vector heap before its first collection
+
+
+def r_heap_args(memory_limit: Optional[int]) -> list:
+    """Rscript flags that size R's vector heap, the allocations after which R
+    collects garbage (R's own default: 64 MB).  With that default a 500k-row
+    partition spent ~40% of its codec time in collections (bench/worker_loop.py:
+    warm R task, 500k rows, 0.39 s -> 0.24-0.26 s with 256 MB; a larger
+    cons-cell heap, --min-nsize, measured slower).  Batch mode keeps R's
+    default: its point is a small footprint (8 MB measured a higher idle and
+    peak RSS than the default).  A memory_limit caps the heap at a quarter of it."""
+    vsize = R_MIN_VSIZE if memory_limit is None else \
+        max(16 * 2**20, min(R_MIN_VSIZE, memory_limit // 4))
+    return [f"--min-vsize={vsize // 2**20}M"]
+
+
+class _Gone(Exception):
+    """Raised inside a read: the child exited."""
+
+
+class _Upstream(Exception):
+    """Raised inside a read: the writer thread's input iterator failed (``error``)."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error = error
+
+
+class _Breach(Exception):
+    """Raised inside a read: a limit was breached (``limit``, ``observed``)."""
+
+    def __init__(self, limit: str, observed: str):
+        super().__init__(f"{limit} breached: {observed}")
+        self.limit, self.observed = limit, observed
+
+
+class _ChildReader(io.RawIOBase):
+    """Reads the socket, and between waits asks ``watch()`` whether to give up:
+    so a dead child, a passed deadline or a memory breach is seen at once."""
+
+    def __init__(self, sock: socket.socket, watch):
+        self.sock, self.watch = sock, watch
+        self._watched = time.monotonic()
+        self._selector = new_selector()
+        self._selector.register(sock, selectors.EVENT_READ)
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if not self.closed:
+            self._selector.close()
+        super().close()
+
+    def readinto(self, buf) -> int:
+        while True:
+            ready = self._selector.select(POLL_S)
+            now = time.monotonic()
+            if ready:
+                # Data first: what a child said before it died still counts.
+                # While data flows, the limits are still checked every POLL_S.
+                if now - self._watched > POLL_S:
+                    self._watched = now
+                    self.watch(data_ready=True)
+                return self.sock.recv_into(buf)
+            self._watched = now
+            self.watch(data_ready=False)
+
+
+class Worker:
+    """One partition task: ``Worker(spec, partition, task_id).run(batches)``."""
+
+    def __init__(self, spec: TaskSpec, partition: object, task_id: object,
+                 extra: Optional[dict] = None, *, root: str, sample: bool = False):
+        self.spec = spec
+        self.root = Path(root)           # the shipped runtime, laid out by the caller
+        self.sample = sample             # the schema sample, run on the driver
+        self.extra = dict(extra or {})
+        self.closure = spec.closure
+        self.partition = partition
+        self.task_id = task_id
+        self.role = spec.closure.role
+        self.language = spec.closure.language_name
+        self.log = LogSink(task_id, spec.gateway)
+        self.child: Optional[Child] = None
+        self.stats: dict = {}
+        self._writer_error: Optional[BaseException] = None
+        self.shipped: dict = {}              # artifact kind -> its unpacked directory
+
+    # ---- the task -----------------------------------------------------------------
+    def run(self, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        try:
+            it = iter(batches) if self.spec.input_names is None else \
+                (pa.RecordBatch.from_arrays(b.columns, names=list(self.spec.input_names))
+                 for b in batches)
+            first = next((b for b in it if b.num_rows > 0), None)
+            if first is None:
+                self.log.write("Worker", line("empty", partition=self.partition))
+                return
+            label = f" for {self.spec.name!r}" if self.spec.name else ""
+            label += " (schema sample)" if self.sample else ""
+            self.log.write("Worker", line("start", partition=self.partition, label=label))
+            yield from self._run(first, it)
+        except TaskError as e:
+            self.log.write("Worker", line("failed", partition=self.partition, what=e.what), "ERROR")
+            raise
+        finally:
+            self.log.flush()
+
+    def _run(self, first: pa.RecordBatch, rest: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        opts = self.spec.options
+        self._started = time.monotonic()
+        self._deadline = self._started + opts.timeout if opts.timeout else None
+        self._unpack_shipped()
+        argv, env = self._command()
+        key = (tuple(argv), tuple(sorted(opts.env.items())), self.spec.runtime_digest)
+        warm: Optional[Warm] = None
+        writer: Optional[threading.Thread] = None
+        kept = False
+        try:
+            warm = POOL.take(key) if opts.reuse else None
+            if warm is not None:
+                self.child = warm.child
+                self.log.write("Worker", line("reused", role=self.role, pid=warm.child.pid,
+                                                tasks=warm.tasks))
+            else:
+                warm = self._start(argv, env)
+            warm.reader.watch = lambda data_ready: self._watch(self._deadline, "timeout", data_ready)
+            P.send_json(warm.conn, P.TASK, self._task_json())
+            # A warm child that has this closure of this job already gets an empty CLOSURE frame.
+            same = warm.digest == self.closure.digest and warm.job == self.spec.job
+            P.send_frame(warm.conn, P.CLOSURE, b"" if same else self.closure.code)
+            P.send_frame(warm.conn, P.INPUT)
+            writer = threading.Thread(target=self._write_input, args=(warm.conn, first, rest),
+                                      name="workerbridge-input", daemon=True)
+            writer.start()
+            yield from self._read_result(warm.stream)
+            self._check_counts(writer)
+            if opts.memory_limit:                 # one last sample: short tasks never wait
+                self.stats["peak_rss"] = max(self.stats.get("peak_rss", 0), tree_rss(self.child.pid))
+            writer.join(5.0)
+            warm.digest, warm.job, warm.tasks = self.closure.digest, self.spec.job, warm.tasks + 1
+            self.log.write("Worker", line("completed", language=self.language))
+            if "peak_rss" in self.stats:
+                self.log.write("Worker", f"peak RSS of the {self.role} process tree "
+                                         f"{format_bytes(self.stats['peak_rss'])}")
+            if opts.reuse and not writer.is_alive():
+                POOL.give(key, warm, opts.idle_timeout)
+                kept = True
+                self.log.write("Worker", line("kept", role=self.role, pid=warm.child.pid))
+            else:
+                P.send_frame(warm.conn, P.BYE)
+                self.child.close_stdin()
+                self.child.wait(1.0)
+        except GeneratorExit:
+            raise
+        except _Breach as e:
+            raise self._limit_error(e) from None
+        except BaseException as e:                    # classify what broke
+            if self._writer_error is not None:        # what the child met came from upstream
+                raise self._upstream_error(self._writer_error) from self._writer_error
+            if isinstance(e, TaskError):
+                raise
+            raise self._classify(e) from e
+        finally:
+            if not kept:
+                # Never reused after an error, a breach or an early stop.
+                if warm is not None:
+                    P.close_quietly(warm.stream, warm.conn)
+                if self.child is not None:
+                    left = self.child.end()
+                    if left:
+                        self.log.write("Worker", f"could not end processes {left}", "ERROR")
+                    self.child.release()
+            if writer is not None:
+                writer.join(5.0)
+
+    # ---- steps ------------------------------------------------------------------------
+    def _start(self, argv: list, env: dict) -> Warm:
+        """A new child, connected and authenticated."""
+        listener = socket.create_server(("127.0.0.1", 0), backlog=16)
+        try:
+            secret = secrets.token_hex(P.SECRET_BYTES)
+            port = listener.getsockname()[1]
+            env = dict(env, **{P.ENV_PORT: str(port), P.ENV_HOST: "127.0.0.1"})
+            self.child = Child(argv, env, secret)
+            self.log.write("Worker", line("started", role=self.role, pid=self.child.pid))
+            self.log.write("Worker", line("waiting", role=self.role, port=port))
+            conn, stream = self._accept(listener, secret,
+                                        self._started + self.spec.options.connect_timeout)
+            return Warm(self.child, conn, stream, stream.raw)
+        finally:
+            listener.close()                      # a second connection is refused
+
+    def _unpack_shipped(self) -> None:
+        """Each shipped archive unpacked on this host (once per digest, under a lock)."""
+        for art in self.spec.ship:
+            try:
+                got = unpack(art, after=finish_env if art.kind == PYTHON_ENV else None)
+            except (ShipError, OSError) as e:
+                raise TaskError(
+                    f"cannot use the shipped {art.label or art.name}: {e}",
+                    partition=self.partition, language=self.language, role=self.role,
+                    hint="the archive travels with Spark's addFile; see the executor's log, "
+                         "or pass ship=False and install the packages on every node") from None
+            self.shipped[art.kind] = got.path
+            self.log.write("Worker", describe(art, got))
+
+    def _command(self) -> tuple[list, dict]:
+        """The child's argv and environment (without the port)."""
+        opts = self.spec.options
+        root = self.root
+        env = dict(os.environ)
+        env.update({str(k): str(v) for k, v in opts.env.items()})
+        if self.closure.language == R_LANG:
+            exe = shutil.which(opts.rscript)
+            if exe is None:
+                raise ChildDiedError(
+                    f"Rscript not found as {opts.rscript!r}", exit_code=None, stderr_tail="",
+                    partition=self.partition, language=self.language, role=self.role,
+                    hint=f"{R_INSTALL_HINT} on every node, "
+                         "or pass rscript='/path/to/Rscript' or set spark.workerbridge.rscript")
+            heap = [] if self.closure.options.get("batch_mode") == "batch" \
+                or "R_VSIZE" in env else r_heap_args(opts.memory_limit)
+            return [exe, "--vanilla", *heap, str(root / "rscripts" / "child.R")], env
+        exe = env_python(self.shipped[PYTHON_ENV]) if PYTHON_ENV in self.shipped \
+            else opts.python or sys.executable
+        if shutil.which(exe) is None:
+            raise ChildDiedError(
+                f"Python interpreter not found: {exe!r}", exit_code=None, stderr_tail="",
+                partition=self.partition, language=self.language, role=self.role,
+                hint="pass python= an interpreter that exists on every node and has "
+                     "pyarrow, pandas and cloudpickle")
+        # The runtime first (it holds only the workerbridge package), then the
+        # user's own PYTHONPATH (env= or the executor's), kept.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
+        env.pop("PYTHONSTARTUP", None)
+        return [exe, "-c", PY_CHILD_MAIN], env
+
+    def _accept(self, listener: socket.socket, secret: str, deadline: float):
+        """The first connection that proves the secret; strangers are refused
+        (``backend.accept_child``: concurrent, a total deadline each, capped)."""
+        refused = []
+
+        def idle() -> None:
+            if self.child.poll() is not None:
+                raise self._died(f"the {self.role} child exited before connecting")
+            if time.monotonic() > deadline:
+                raise LimitError(
+                    f"{self.role} did not connect within {self.spec.options.connect_timeout:g} s",
+                    exit_code=self.child.poll(), stderr_tail=self.child.stderr_tail(),
+                    partition=self.partition, language=self.language, role=self.role,
+                    hint="the child may be stuck starting up; see its stderr above")
+
+        def refuse() -> None:
+            refused.append(1)
+            if len(refused) == 1:
+                self.log.write("Worker", "refused a backend connection without the task's secret",
+                               "WARN")
+
+        conn = accept_child(listener, secret.encode("ascii"), self.spec.options.auth_timeout,
+                            POLL_S, idle, refuse)
+        if len(refused) > 1:
+            self.log.write("Worker", f"refused {len(refused)} backend connections in all", "WARN")
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return self._hello(conn, min(deadline, time.monotonic() + self.spec.options.auth_timeout))
+
+    def _hello(self, conn: socket.socket, deadline: float):
+        """HELLO from the authenticated child (by ``deadline``), then WELCOME."""
+        reader = _ChildReader(conn, lambda data_ready: self._watch(deadline, "auth", data_ready))
+        stream = io.BufferedReader(reader, buffer_size=1 << 20)
+        try:
+            hello = P.decode_json(P.expect(stream, P.HELLO, P.MAX_AUTH_BYTES))
+        except _Gone:
+            P.close_quietly(stream, conn)
+            raise self._died(f"the {self.role} child exited before its HELLO") from None
+        except (_Breach, P.ProtocolError, OSError) as e:
+            P.close_quietly(stream, conn)
+            raise TransportError(
+                f"{self.role} proved the secret but sent no valid HELLO: {e}",
+                partition=self.partition, language=self.language, role=self.role,
+                detail="stderr tail:\n" + self.child.stderr_tail(),
+                hint="the child's interpreter may run another workerbridge; see its stderr") from None
+        if hello.get("protocol") != P.PROTOCOL_VERSION:
+            P.close_quietly(stream, conn)
+            raise TransportError(
+                f"{self.role} speaks protocol {hello.get('protocol')}, this Worker "
+                f"{P.PROTOCOL_VERSION}", partition=self.partition, language=self.language,
+                role=self.role, hint="driver and executors run different workerbridge versions")
+        P.send_json(conn, P.WELCOME, {"protocol": P.PROTOCOL_VERSION})
+        self.stats["child_pid"] = hello.get("pid")
+        return conn, stream             # the task's watch replaces the auth one in _run
+
+    def _task_json(self) -> dict:
+        msg = {"partition": self.partition, "task_id": str(self.task_id), "job": self.spec.job,
+               "closure_hash": self.closure.digest, "options": self.closure.options}
+        if self.closure.context_json is not None:
+            msg["context"] = json.loads(self.closure.context_json)
+        if R_PACKAGES in self.shipped:
+            msg["r_lib"] = self.shipped[R_PACKAGES]
+        msg.update(self.extra)
+        return msg
+
+    def _write_input(self, conn: socket.socket, first: pa.RecordBatch,
+                     rest: Iterator[pa.RecordBatch]) -> None:
+        """Writer thread: the partition's rows as one Arrow stream.  Never raises.
+
+        The end-of-stream marker is written only after the last batch: when the
+        input fails upstream the stream is cut (nothing more is sent, the write
+        side is shut), so the child can never take part of a partition for all
+        of it; the reader sees the stored error within POLL_S."""
+        rows = 0
+        sink = _SocketSink(conn)
+        try:
+            batches = self._input_batches(first, rest)
+            head = next(batches)
+            # R: repeated string columns go dictionary-encoded (decided on the first batch)
+            encode = dictionary.repeated_string_columns(head) \
+                if self.closure.language == R_LANG else []
+            schema = dictionary.encoded_schema(head.schema, encode)
+            w = pa.ipc.new_stream(sink, schema)
+            for batch in itertools.chain([head], batches):
+                w.write_batch(dictionary.encode_columns(batch, schema, encode))
+                rows += batch.num_rows
+            w.close()
+            self.stats["rows_sent"] = rows
+        except BaseException as e:                  # noqa: BLE001 - stored, re-raised by the reader
+            sink.cut()
+            self._writer_error = e
+            try:
+                conn.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def _input_batches(self, first: pa.RecordBatch,
+                       rest: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        """Spark's batches (10,000 rows by default), joined into batches of at
+        least COALESCE_ROWS rows or COALESCE_BYTES bytes: the children decode
+        per batch, and R pays ~2 ms a batch (bench/worker_loop.py --batch-rows).
+        Batch mode keeps Spark's batches: they are what its closure is given."""
+        if self.closure.options.get("batch_mode") == "batch":
+            yield first
+            yield from (b for b in rest if b.num_rows)
+            return
+        pending, rows, size = [], 0, 0
+        for batch in itertools.chain([first], rest):
+            if not batch.num_rows:
+                continue
+            pending.append(batch)
+            rows, size = rows + batch.num_rows, size + batch.nbytes
+            if rows >= COALESCE_ROWS or size >= COALESCE_BYTES:
+                yield from joined_batches(pending)
+                pending, rows, size = [], 0, 0
+        if pending:
+            yield from joined_batches(pending)
+
+    def _read_result(self, stream: io.BufferedReader) -> Iterator[pa.RecordBatch]:
+        lang = language_of(self.closure.language)
+        allowed = {lang.role, lang.closure_role}
+        while True:
+            msg_type, length = P.recv_header(stream)
+            if msg_type == P.LOG:
+                self._child_log(stream, length, allowed)
+                continue
+            payload = P.read_exact(stream, length) if length else b""
+            if msg_type == P.ERROR:
+                raise self._closure_error(P.decode_json(payload))
+            elif msg_type == P.OUTPUT:
+                rows = 0
+                reader = pa.ipc.open_stream(stream)
+                for batch in reader:
+                    rows += batch.num_rows
+                    yield self._conform(dictionary.decode_dictionaries(batch))
+                self.stats["rows_read"] = self.stats.get("rows_read", 0) + rows
+            elif msg_type == P.DONE:
+                self.stats.update(P.decode_json(payload))
+                return
+            else:
+                raise P.ProtocolError(f"unexpected {P.MESSAGE_NAMES[msg_type]} from {self.role}")
+
+    def _child_log(self, stream: io.BufferedReader, length: int, allowed: set) -> None:
+        """One LOG frame as a line, its message capped (``P.cap_line``); a frame
+        above LOG_FRAME_KEEP is read as its head only, the rest skipped unkept."""
+        head = P.read_exact(stream, min(length, LOG_FRAME_KEEP)) if length else b""
+        P.skip(stream, length - len(head))
+        whole = len(head) == length
+        rec = P.decode_json(head) if whole else _partial_log_record(head)
+        role = rec.get("role") if rec.get("role") in allowed else self.role
+        self.log.write(role, P.cap_line(str(rec.get("message", "")), None if whole else length),
+                       level_of(rec.get("level")))
+
+    def _check_counts(self, writer: threading.Thread) -> None:
+        """After DONE: the child took every row sent and the Worker read every
+        row it returned; else the task fails (Spark retries it), never short."""
+        writer.join(5.0)
+        if self._writer_error is not None:
+            raise _Upstream(self._writer_error)
+        sent, took = self.stats.get("rows_sent"), self.stats.get("rows_in")
+        made, read = self.stats.get("rows_out"), self.stats.get("rows_read", 0)
+        if writer.is_alive() or sent != took or (made is not None and made != read):
+            raise TransportError(
+                f"row counts disagree: the Worker sent {sent} rows and {self.role} took {took}; "
+                f"{self.role} returned {made} and the Worker read {read}",
+                partition=self.partition, language=self.language, role=self.role,
+                hint="rows were lost between the Worker and its child; the task fails so "
+                     "that Spark can retry it")
+
+    # ---- results -------------------------------------------------------------------------
+    def _conform(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """The batch in the output schema: columns by name, types cast safely."""
+        want = self.spec.out_schema
+        if want is None:
+            return batch
+        try:
+            return conform(batch, want)
+        except ValueError as e:
+            raise TaskError(f"the result does not match the schema: {e}",
+                            partition=self.partition, language=self.language, role=self.role,
+                            hint="fix the closure's result or pass schema= matching it "
+                                 "(column names and types)") from None
+
+    # ---- errors -------------------------------------------------------------------------
+    def _closure_error(self, rec: dict) -> TaskError:
+        kind = rec.get("kind", "closure")
+        hints = {
+            "closure": "the error happened in your closure; its traceback is above",
+            "unpickle": "the closure could not be loaded in the child; are the modules it "
+                        "uses installed for the child's interpreter?",
+            "result": "return a DataFrame, a table, a dict of columns, or a vector",
+            "codec": "a column's type could not cross to or from R",
+            "package": "install the R package on every node, or drop it from packages=",
+        }
+        tb = rec.get("traceback") or ""
+        if isinstance(tb, list):
+            tb = "\n".join(str(x) for x in tb)
+        return ClosureError(error_type=str(rec.get("type", "Error")),
+                            message=str(rec.get("message", "")), remote_traceback=tb,
+                            call=rec.get("call") or None, partition=self.partition,
+                            language=self.language, role=self.role,
+                            hint=hints.get(kind, hints["closure"]))
+
+    def _died(self, what: str) -> ChildDiedError:
+        code = self.child.wait(1.0) if self.child is not None else None
+        return ChildDiedError(
+            f"{what}; exit code {exit_name(code)}", exit_code=code,
+            stderr_tail=self.child.stderr_tail() if self.child else "",
+            partition=self.partition, language=self.language, role=self.role,
+            hint="the child crashed or was killed; its stderr tail is above "
+                 "(a segfault, out of memory, or os._exit/quit() in the closure)")
+
+    def _watch(self, deadline: Optional[float], what: str, data_ready: bool) -> None:
+        """Called while a read waits: raise if the input failed upstream, the
+        child died or a limit is breached."""
+        if self._writer_error is not None:
+            raise _Upstream(self._writer_error)
+        if not data_ready and self.child.poll() is not None:
+            raise _Gone(f"the child exited ({exit_name(self.child.returncode)})")
+        now = time.monotonic()
+        if deadline is not None and now > deadline:
+            if what == "auth":
+                raise _Breach("auth", "no secret in time")
+            raise _Breach(f"timeout of {self.spec.options.timeout:g} s",
+                          f"ran {now - self._started:.1f} s")
+        limit = self.spec.options.memory_limit
+        if limit:
+            rss = tree_rss(self.child.pid)
+            self.stats["peak_rss"] = max(self.stats.get("peak_rss", 0), rss)
+            if rss > limit:
+                raise _Breach(f"memory_limit of {format_bytes(limit)}",
+                              f"the child's process tree used {format_bytes(rss)}")
+
+    def _upstream_error(self, error: BaseException) -> TaskError:
+        return TaskError(
+            f"the partition's input failed upstream: {type(error).__name__}: {error}",
+            partition=self.partition, language=self.language, role=self.role,
+            hint="the error is in what feeds spark_apply (the source or an earlier step), "
+                 "not in the closure; the child got no end of input, so no partial result")
+
+    def _limit_error(self, e: _Breach) -> LimitError:
+        self.log.write("Worker", f"{e.limit} breached ({e.observed}); ending {self.role}", "ERROR")
+        self.child.end()
+        return LimitError(
+            f"{e.limit} breached: {e.observed}", exit_code=self.child.returncode,
+            stderr_tail=self.child.stderr_tail(), partition=self.partition,
+            language=self.language, role=self.role,
+            hint="raise the limit (timeout=, memory_limit=, or spark.workerbridge.* conf keys), "
+                 "or give the closure less data per partition (repartition)")
+
+    def _classify(self, e: BaseException) -> TaskError:
+        broke_protocol = isinstance(e, P.ProtocolError) and not isinstance(e, P.PeerClosed)
+        if not broke_protocol and self.child is not None and self.child.wait(1.0) is not None:
+            return self._died(f"the {self.role} child ended before finishing its task")
+        code = self.child.poll() if self.child else None
+        return TransportError(
+            f"the connection to {self.role} broke: {type(e).__name__}: {e}"
+            + (f" (the child then exited with {exit_name(code)})" if code is not None else ""),
+            partition=self.partition, language=self.language, role=self.role,
+            detail=("stderr tail:\n" + self.child.stderr_tail()) if self.child else "",
+            hint="the child sent something that is not the protocol; see its stderr")
+
+
+def _partial_log_record(head: bytes) -> dict:
+    """Level, role and the start of the message from the head of a LOG frame's
+    JSON too long to keep whole (JSON escapes in the message are left as they are)."""
+    text = head.decode("utf-8", "ignore")
+    rec = {k: m.group(1) for k in ("level", "role")
+           if (m := re.search(rf'"{k}"\s*:\s*"(\w+)"', text))}
+    m = re.search(r'"message"\s*:\s*"', text)
+    rec["message"] = text[m.end():] if m else text
+    return rec
+
+
+def joined_batches(batches: list) -> Iterator[pa.RecordBatch]:
+    """``batches`` as few batches: one, unless the joined strings would pass
+    Arrow's 32-bit offsets, where Arrow splits them.  Every row is yielded,
+    and a count that does not add up fails loudly."""
+    if len(batches) == 1:
+        yield batches[0]
+        return
+    want = sum(b.num_rows for b in batches)
+    got = 0
+    for batch in pa.Table.from_batches(batches).combine_chunks().to_batches():
+        got += batch.num_rows
+        yield batch
+    if got != want:
+        raise RuntimeError(f"joining input batches gave {got} rows, not {want}: "
+                           "the task fails rather than lose rows (a workerbridge bug: please report it)")
+
+
+class _SocketSink:
+    """A write-only file for pyarrow's stream writer: straight to the socket."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.closed = False
+        self._cut = False
+
+    def cut(self) -> None:
+        """Send nothing more, whatever the writer still flushes (no end marker)."""
+        self._cut = True
+
+    def write(self, data) -> int:
+        if not self._cut:
+            self.sock.sendall(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
