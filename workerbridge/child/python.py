@@ -460,7 +460,18 @@ def to_pandas(table):
     for i, col in enumerate(table.columns):
         if col.null_count and col.type in nullable:
             frame.isetitem(i, col.to_pandas(types_mapper=nullable.get))
+        elif _int_list_with_nulls(col, nullable):    # numpy would make the values float
+            frame.isetitem(i, pd.Series(col.to_pylist(), dtype=object))
     return frame
+
+
+def _int_list_with_nulls(col, nullable: dict) -> bool:
+    """A list column of integers or bools with a null value inside a list."""
+    import pyarrow as pa
+    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
+        return False
+    return col.type.value_type in nullable and \
+        any(chunk.flatten().null_count for chunk in col.chunks)
 
 
 def call_closure(func, data, context, task: dict):
