@@ -10,7 +10,8 @@
 Runs the same partition (rows x (2 long, 2 double, 1 string), in Arrow
 batches as Spark sends them) through Worker.run with reuse on, the
 identity closure (batches of --batch-rows input rows), and prints each task's wall time and the median of the warm
-ones (the first task starts the child).  ``--env K=V`` passes variables to the
+ones (the first task starts the child).  ``--groups G`` runs ``sum(x)`` per
+group of ``k = a mod G`` instead (``group_by``): the child's grouped path.  ``--env K=V`` passes variables to the
 child (for example R_VSIZE=64M to compare R's default heap).
 """
 
@@ -58,16 +59,24 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="profile=True: print the summed phases and top functions")
     ap.add_argument("--env", nargs="*", default=[], metavar="K=V")
+    ap.add_argument("--groups", type=int, default=0, help="sum(x) per group of a mod G")
     args = ap.parse_args()
     table = partition(args.rows, args.keys)
-    batches = table.to_batches(max_chunksize=args.batch_rows)
     f = R("function(d) d") if args.lang == "r" else (lambda d: d)
+    options, out_schema = {}, table.schema
+    if args.groups:
+        import pandas as pd
+        table = table.append_column("k", pa.array(np.arange(args.rows) % args.groups))
+        f = R("function(d) data.frame(s = sum(d$x))") if args.lang == "r" else \
+            (lambda d: pd.DataFrame({"s": [d.x.sum()]}))
+        options, out_schema = {"group_by": ["k"]}, pa.schema([("k", pa.int64()), ("s", pa.float64())])
+    batches = table.to_batches(max_chunksize=args.batch_rows)
     gw = Gateway(log_path=None)
     env = dict(kv.split("=", 1) for kv in args.env)
     runtime = Runtime.collect(args.lang == "r")
     root = str(runtime.materialize())
-    spec = TaskSpec(pack(f, None, {"profile": args.profile}), runtime.digest,
-                    table.schema, gw.address,
+    spec = TaskSpec(pack(f, None, dict(options, profile=args.profile)), runtime.digest,
+                    out_schema, gw.address,
                     WorkerOptions(reuse=True, env=env))
     times, child_cpu, own_cpu = [], [], []
     child = None
@@ -82,7 +91,7 @@ def main() -> None:
             if child is None:
                 child = psutil.Process(worker.child.pid)
             child_cpu.append(sum(child.cpu_times()[:2]) - before)
-            assert rows == args.rows
+            assert rows == (args.groups or args.rows)
         if args.profile:          # the warm tasks only
             print(summarize(tasks_from_events(gw.events())[1:]))
     finally:

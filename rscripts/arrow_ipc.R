@@ -689,12 +689,17 @@
           if (length(cand)) {
             h <- .ai_i64_halves(vb[rep(8 * (cand - 1), each = 8L) + 1:8], length(cand), t$signed)
             if (any(h$hi > 2097152 | (h$hi == 2097152 & h$lo > 0) | h$hi < -2097152))
-              state$warn[[name]] <- TRUE
+              state$warn[[name]] <- paste0("%s values beyond 2^53 lost precision when converted ",
+                                           "to double (use int64 = \"character\" for exact values)")
           }
         }
         setna(x)
       } else {
-        setna(.ai_read_ints(vb, n, t$bitWidth, t$signed))
+        x <- .ai_read_ints(vb, n, t$bitWidth, t$signed)
+        # R's NA_integer_ is the int32 minimum: a valid -2147483648 reads as NA
+        if (t$bitWidth == 32L && t$signed && anyNA(x) && (is.null(valid) || any(is.na(x) & valid)))
+          state$warn[[name]] <- "%s value -2147483648 (the int32 minimum) is NA in R"
+        setna(x)
       }
     },
     FloatingPoint = {
@@ -746,7 +751,12 @@
     Decimal = {
       nb <- t$bitWidth / 8
       vb <- need(bufs[[2L]], n * nb, "values")
-      setna(.ai_decimal_to_double(vb, n, nb / 2, t$scale))
+      x <- .ai_decimal_to_double(vb, n, nb / 2, t$scale)
+      # exact while the unscaled value fits a double's 53 bits
+      if (n && any(abs(x) * 10^t$scale > 9007199254740992 & (if (is.null(valid)) TRUE else valid),
+                   na.rm = TRUE))
+        state$warn[[name]] <- "%s values of more than 15 significant digits lost precision as double"
+      setna(x)
     },
     .ai_col_error(name, sprintf("Arrow type %s is not supported", t$name)))
 }
@@ -915,11 +925,10 @@
     if (is.na(tz) || !nzchar(tz)) tz <- "UTC"
     x <- structure(x, class = c("POSIXct", "POSIXt"), tzone = tz)
   }
-  if (isTRUE(state$warn[[f$name]]) && !isTRUE(state$warned[[f$name]])) {
+  if (is.character(state$warn[[f$name]]) && !isTRUE(state$warned[[f$name]])) {
     state$warned[[f$name]] <- TRUE
-    warning(sprintf(paste0("column '%s': %s values beyond 2^53 lost precision when converted ",
-                           "to double (use int64 = \"character\" for exact values)"),
-                    f$name, f$type$name), call. = FALSE)
+    warning(sprintf(paste0("column '%s': ", state$warn[[f$name]]), f$name, f$type$name),
+            call. = FALSE)
   }
   x
 }

@@ -267,7 +267,9 @@ local({
 }
 
 # The row indices of each group of df by the columns `keys`, in order of first
-# appearance; NA is a key value of its own.
+# appearance.  Keys are exact: each column becomes integer codes of its own
+# values (match() on the unclassed values: NA a value of its own, NaN another,
+# -0 equal to 0, as in Spark's groupBy), never formatted text.
 .wb$wb_split_groups <- function(df, keys) {
   missing <- setdiff(keys, names(df))
   if (length(missing))
@@ -275,17 +277,33 @@ local({
          call. = FALSE)
   n <- .row_names_info(df, 2L)
   if (n == 0L) return(list())
-  parts <- lapply(keys, function(k) {
-    x <- df[[k]]
-    if (is.list(x)) x <- vapply(x, function(v) paste(as.character(v), collapse = ","), "")
-    s <- as.character(x)
-    s[is.na(x)] <- "\001NA"
-    s
-  })
-  key <- if (length(parts) == 1L) parts[[1L]] else do.call(paste, c(parts, sep = "\002"))
-  grp <- match(key, key)
-  ord <- unique(grp)
-  unname(split(seq_len(n), factor(grp, levels = ord)))
+  grp <- NULL
+  for (k in keys) {
+    codes <- wb_key_codes(df[[k]])
+    if (is.null(grp)) {
+      grp <- codes
+      next
+    }
+    m <- max(codes)
+    if (as.double(max(grp)) * m > 9007199254740992)
+      stop("too many distinct group keys to combine exactly", call. = FALSE)
+    pair <- (as.double(grp) - 1) * m + codes
+    grp <- match(pair, unique(pair))
+  }
+  ngrp <- max(grp)
+  unname(split.default(seq_len(n), structure(grp, levels = as.character(seq_len(ngrp)),
+                                             class = "factor")))
+}
+
+# A key column as integer codes 1..m in order of first appearance.  A binary
+# (list) column is coded by the bytes' hex text, NULL apart from raw(0).
+.wb$wb_key_codes <- function(x) {
+  if (is.list(x))
+    x <- vapply(x, function(v) if (is.null(v)) NA_character_
+                               else paste0("x", paste(as.character(v), collapse = "")), "")
+  x <- unclass(x)
+  attributes(x) <- NULL
+  match(x, unique(x))
 }
 
 # A group's result with the group columns it lacks put in front.
@@ -302,7 +320,10 @@ local({
             row.names = .set_row_names(m))
 }
 
-# Row-bind the groups' results (same column names in the same order).
+# Row-bind the groups' results (same column names in the same order).  Per
+# column: a part that is all NA of no class (logical NA) takes the class of the
+# others; factors become character; parts of different classes (Date and
+# character, say) are an error naming the column, never a silent conversion.
 .wb$wb_rbind <- function(frames) {
   if (length(frames) == 1L) return(frames[[1L]])
   nm <- names(frames[[1L]])
@@ -310,13 +331,26 @@ local({
     if (!identical(names(x), nm))
       stop(sprintf("the groups' results do not share one set of columns: (%s) vs (%s)",
                    paste(nm, collapse = ", "), paste(names(x), collapse = ", ")), call. = FALSE)
-  cols <- lapply(seq_along(nm), function(j) {
-    parts <- lapply(frames, function(x) x[[j]])
-    if (is.factor(parts[[1L]])) parts <- lapply(parts, as.character)
-    do.call(c, parts)
-  })
+  cols <- lapply(seq_along(nm), function(j) wb_bind_column(lapply(frames, function(x) x[[j]]), nm[j]))
   structure(cols, names = nm, class = "data.frame",
             row.names = .set_row_names(sum(vapply(frames, function(x) .row_names_info(x, 2L), 1L))))
+}
+
+.wb$wb_bind_column <- function(parts, name) {
+  parts <- lapply(parts, function(p) if (is.factor(p)) as.character(p) else p)
+  bare_na <- vapply(parts, function(p) is.logical(p) && is.null(attributes(p)) && all(is.na(p)), NA)
+  if (any(bare_na) && !all(bare_na)) {
+    like <- parts[[which(!bare_na)[1L]]]
+    parts[bare_na] <- lapply(parts[bare_na], function(p) like[rep(NA_integer_, length(p))])
+  }
+  classes <- vapply(parts, function(p) paste(class(p), collapse = "/"), "")
+  plain <- classes %in% c("logical", "integer", "numeric", "character")
+  if (length(unique(classes[!plain])) > 1L || (any(!plain) && any(plain)))
+    stop(sprintf("column '%s': the groups' results give it different classes (%s); make them agree",
+                 name, paste(unique(classes), collapse = ", ")), call. = FALSE)
+  out <- do.call(c, unname(parts))
+  if (inherits(parts[[1L]], "POSIXct")) attr(out, "tzone") <- attr(parts[[1L]], "tzone")
+  out
 }
 
 # With options$tag_units: which partition and which group each row came from.
@@ -755,7 +789,7 @@ local({
 # Give the child's functions the child environment as their home.
 local({
   for (nm in c("wb_child_main", "wb_log_channel", "wb_error_payload", "wb_deparse_call", "wb_as_frame", "wb_run_task",
-               "wb_nojit", "wb_with_closure_jit", "wb_profiler", "wb_traceback", "wb_split_groups", "wb_with_keys", "wb_rbind", "wb_tag",
+               "wb_nojit", "wb_with_closure_jit", "wb_profiler", "wb_traceback", "wb_split_groups", "wb_key_codes", "wb_with_keys", "wb_rbind", "wb_bind_column", "wb_tag",
                "wb_watch_parent", "wb_baseline", "wb_enter_job", "wb_unserialize_closure"))
     environment(.wb[[nm]]) <- .wb
 })

@@ -253,7 +253,7 @@ import json, sys, time, traceback
 cfg = json.loads(sys.argv[1])
 from pyspark.sql import SparkSession
 from workerbridge import R, spark_apply, spark_log
-from workerbridge.wire.logline import parse_line
+from workerbridge.wire.logline import SAMPLE_ID_BASE, parse_line
 
 b = SparkSession.builder.appName(cfg.get("app", "workerbridge-client"))
 b = b.remote(cfg["remote"]) if cfg.get("remote") else b.master(cfg["master"])
@@ -300,7 +300,7 @@ for name in cfg.get("cases", list(CASES)):
         p = parse_line(ln)
         m = p and p["role"] in ("PyScript", "RScript") and \
             __import__("re").match(r"retrieved (\d+) rows", p["message"])
-        if m and not p["id"].startswith("driver-"):
+        if m and not int(p["id"]) >= SAMPLE_ID_BASE:
             retrieved[p["id"]] = retrieved.get(p["id"], 0) + int(m.group(1))
     res["retrieved_by_task"] = retrieved
     out["cases"][name] = res

@@ -8,6 +8,7 @@ import pytest
 
 from workerbridge import R, spark_apply, spark_log
 from workerbridge.wire.errors import BadInputError
+from workerbridge.wire.logline import is_sample_id, parse_line
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def test_inference_runs_f_on_the_driver_sample_only(spark, groups_df):
     out = spark_apply(groups_df, f, group_by="g", sample_rows=10)
     assert sorted(tuple(r) for r in out.collect()) == [("a", 10000), ("b", 10000), ("c", 10000)]
     lines = spark_log(spark, filter="infer-call", n=None)[before:]
-    sample = [c for c in lines if "(driver-" in c]
+    sample = [c for c in lines if is_sample_id(parse_line(c)["id"])]
     assert sample and sum(int(c.split()[-1]) for c in sample) == 10
     assert len(lines) - len(sample) == 3                  # the cluster never reran it
 

@@ -484,18 +484,20 @@ def test_known_values(tmp_path):
                                                                     for v in big64]
     assert [None if x == "NA" else float(x) for x in val["u64"]] == [float(v) if v is not None else None
                                                                     for v in bigu64]
-    assert len(v1["warnings"]) == 2
+    assert len(v1["warnings"]) == 3
     assert "'i64'" in v1["warnings"][0] and "2^53" in v1["warnings"][0]
     assert "'u64'" in v1["warnings"][1]
+    assert "'dec38'" in v1["warnings"][2] and "lost precision" in v1["warnings"][2]
     assert val["small64"] == ["-5", "0", "NA", "9007199254740992"]
     assert val["dict"]["values"] == ["b", None, "a", "b"]
     assert val["dec38"][2] == "NA"
     for k in (0, 1, 3):
         assert float(val["dec38"][k]) == pytest.approx(float(dec38[k]), rel=1e-15)
     assert val["bin"] == ["", None, "00ff", "616263"]
-    # int64 = "character": exact decimal strings, no warning; factors = TRUE
+    # int64 = "character": exact decimal strings, no warning for them (the wide
+    # decimal still becomes a double, and says so); factors = TRUE
     val2 = v2["values"]
-    assert v2["warnings"] == []
+    assert len(v2["warnings"]) == 1 and "'dec38'" in v2["warnings"][0]
     assert val2["i64"]["values"] == [None if v is None else str(v) for v in big64]
     assert val2["u64"]["values"] == [None if v is None else str(v) for v in bigu64]
     assert val2["small64"]["values"] == ["-5", "0", None, "9007199254740992"]

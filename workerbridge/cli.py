@@ -157,7 +157,7 @@ def _run_child(closure, with_r: bool, options) -> tuple[list, list[str]]:
     try:
         runtime = Runtime.collect(with_r)
         spec = TaskSpec(closure, runtime.digest, None, gw.address, options)
-        worker = Worker(spec, 0, "doctor", root=str(runtime.materialize()))
+        worker = Worker(spec, 0, os.getpid(), root=str(runtime.materialize()))
         batches = list(worker.run(pa.table({"x": [1.0, 2.0, 3.0]}).to_batches()))
         return batches, gw.lines(n=None)
     finally:

@@ -204,6 +204,10 @@ def run_task(task: dict, stream, channel: Channel, closures: dict) -> None:
         return run_batches(packed, reader, task, channel, profile)
     channel.log(line("retrieved", rows=table.num_rows))
     channel.log(line("columns", columns=table.num_columns))
+    if task.get("options", {}).get("input") != "arrow":
+        for name in nan_columns(table):
+            channel.log(f"column '{name}': NaN becomes null on its way through pandas, which "
+                        "has one missing value (input='arrow' keeps NaN)", "WARN")
     try:
         out, groups = apply(packed["func"], table, packed.get("context"), task, profile)
     except _Failed as failed:
@@ -261,6 +265,14 @@ def run_batches(packed, reader, task: dict, channel: Channel, profile=None) -> N
         channel.log(profile.line())
     channel.log(line("finished"))
     P.send_json(channel.sock, P.DONE, {"rows_in": rows_in, "rows_out": output.rows})
+
+
+def nan_columns(table) -> list:
+    """The floating-point columns that hold a NaN."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    return [f.name for f, col in zip(table.schema, table.columns)
+            if pa.types.is_floating(f.type) and pc.any(pc.is_nan(col)).as_py()]
 
 
 def _drain(reader) -> None:
@@ -335,7 +347,7 @@ def apply(func, table, context, task: dict, profile: Optional[Profile] = None):
             raise _Failed("closure", e) from None
         try:
             with timed(profile, "encode"):
-                out = to_table(result)
+                out = to_table(result, like=part.schema)
         except BaseException as e:                    # noqa: BLE001
             raise _Failed("result", e) from None
         if not keys:
@@ -362,10 +374,65 @@ def tag(out, task: dict, unit: int):
 
 
 def split_groups(table, keys: list) -> list:
-    """The partition's rows split into whole groups, in order of first appearance."""
-    frame = table.select(keys).to_pandas()
-    index = frame.groupby(keys, sort=False, dropna=False).indices
-    return [table.take(rows) for rows in index.values()]
+    """The partition's rows split into whole groups, in order of first appearance.
+
+    Keys are exact: each key column becomes integer codes of its values (null
+    a value of its own, every NaN one value, -0.0 equal to 0.0, as in Spark's
+    groupBy), never floats or text, so 2^53 and 2^53 + 1 stay apart."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    if table.num_rows == 0:
+        return []
+    code = None
+    for k in keys:
+        codes, size = key_codes(table.column(k))
+        if code is None:
+            code = codes
+            continue
+        code = code * size + codes                        # < rows * rows: fits int64
+        code = _dense_codes(pa.array(code))[0]
+    order = np.argsort(code, kind="stable")
+    bounds = np.cumsum(np.bincount(code))[:-1]
+    return [table.take(rows) for rows in np.split(order, bounds)]
+
+
+def key_codes(col) -> tuple:
+    """A key column's values as dense int64 codes 0..m-1 in order of first
+    appearance, and m."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    if pa.types.is_floating(col.type):
+        col = pc.add(pc.if_else(pc.is_nan(col), pa.scalar(float("nan"), col.type), col),
+                     pa.scalar(0.0, col.type))              # one NaN; -0.0 + 0.0 is 0.0
+    try:
+        return _dense_codes(col)
+    except (pa.ArrowNotImplementedError, pa.ArrowTypeError):   # nested types: by value
+        seen: dict = {}
+        values = [seen.setdefault(_hashable(v), len(seen)) for v in col.to_pylist()]
+        return pa.array(values, pa.int64()).to_numpy(), len(seen)
+
+
+def _dense_codes(col) -> tuple:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    enc = pc.dictionary_encode(col, null_encoding="encode")
+    chunks = enc.chunks if isinstance(enc, pa.ChunkedArray) else [enc]
+    if not chunks:
+        return np.zeros(0, np.int64), 0
+    codes = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in chunks])
+    return codes.astype(np.int64, copy=False), len(chunks[0].dictionary)
+
+
+def _hashable(v):
+    if isinstance(v, dict):
+        return ("d",) + tuple((k, _hashable(x)) for k, x in v.items())
+    if isinstance(v, (list, tuple)):
+        return ("l",) + tuple(_hashable(x) for x in v)
+    if isinstance(v, float) and v != v:
+        return ("nan",)
+    return ("v", v + 0.0 if isinstance(v, float) else v)
 
 
 def with_keys(out, part, keys: list):
@@ -393,7 +460,18 @@ def to_pandas(table):
     for i, col in enumerate(table.columns):
         if col.null_count and col.type in nullable:
             frame.isetitem(i, col.to_pandas(types_mapper=nullable.get))
+        elif _int_list_with_nulls(col, nullable):    # numpy would make the values float
+            frame.isetitem(i, pd.Series(col.to_pylist(), dtype=object))
     return frame
+
+
+def _int_list_with_nulls(col, nullable: dict) -> bool:
+    """A list column of integers or bools with a null value inside a list."""
+    import pyarrow as pa
+    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
+        return False
+    return col.type.value_type in nullable and \
+        any(chunk.flatten().null_count for chunk in col.chunks)
 
 
 def call_closure(func, data, context, task: dict):
@@ -429,7 +507,7 @@ def _takes_two(func, exclude=frozenset()) -> bool:
     return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in sig.parameters.values())
 
 
-def to_table(result):
+def to_table(result, like=None):
     """What a closure may return, as one ``pyarrow.Table``.
 
     A DataFrame, Table, RecordBatch or dict of columns is a table; a list,
@@ -449,7 +527,7 @@ def to_table(result):
         _check_columns(list(result.columns))
         if result.shape[1] == 0:                   # keep the row count of a column-less frame
             return pa.table({"_": pa.nulls(len(result))}).drop(["_"])
-        return pa.Table.from_pandas(result, preserve_index=False)
+        return from_pandas(result, like)
     if isinstance(result, dict):
         scalars = all(pd.api.types.is_scalar(v) for v in result.values())
         return to_table(pd.DataFrame([result]) if scalars and result else pd.DataFrame(result))
@@ -471,6 +549,30 @@ def to_table(result):
         f"the closure returned a {type(result).__module__}.{type(result).__qualname__}; "
         "return a pandas DataFrame, a pyarrow Table or RecordBatch, a dict of columns, "
         "a list of those, or a Series/array/list/scalar (one column named 'result')")
+
+
+def from_pandas(frame, like=None):
+    """A DataFrame as a Table.  An object column named like a column of the
+    input schema ``like`` is converted to that column's type first (a map, a
+    decimal's precision, an all-null column keep their types); inferred when
+    that does not fit, as every other column is."""
+    import pyarrow as pa
+    hinted = {}
+    if like is not None:
+        for name in frame.columns:
+            if frame[name].dtype == object and like.get_field_index(name) >= 0:
+                try:
+                    hinted[name] = pa.array(frame[name], type=like.field(name).type,
+                                            from_pandas=True)
+                except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError,
+                        OverflowError, TypeError, ValueError):
+                    pass
+    if not hinted:
+        return pa.Table.from_pandas(frame, preserve_index=False)
+    rest = [c for c in frame.columns if c not in hinted]
+    inferred = pa.Table.from_pandas(frame[rest], preserve_index=False) if rest else None
+    arrays = [hinted[c] if c in hinted else inferred.column(c) for c in frame.columns]
+    return pa.Table.from_arrays(arrays, names=list(frame.columns))
 
 
 def _check_columns(names: list) -> None:

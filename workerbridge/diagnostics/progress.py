@@ -32,7 +32,7 @@ import weakref
 from typing import Callable, Optional
 
 from ..wire.lifecycle import SCRIPT_ROLES, SHIP_REUSED, SHIP_UNPACKED, read
-from ..wire.logline import parse_line
+from ..wire.logline import is_sample_id, parse_line
 
 BACKENDS = ("auto", "rich", "tqdm", "plain")
 
@@ -168,7 +168,7 @@ class Progress:
 
     def _feed(self, line: str) -> None:
         rec = parse_line(line)
-        if rec is None or rec["id"].startswith("driver-") or rec["role"] == "Gateway":
+        if rec is None or is_sample_id(rec["id"]) or rec["role"] == "Gateway":
             return
         role, msg = rec["role"], rec["message"]
         with self._lock:

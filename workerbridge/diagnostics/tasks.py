@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from ..wire.lifecycle import SCRIPT_ROLES, language_by_role, read
-from ..wire.logline import parse_line
+from ..wire.logline import is_sample_id, parse_line
 from ..wire.phases import parse_profile
 
 PHASES = ("spawn", "receive", "apply", "send")
@@ -78,7 +78,7 @@ class TaskRecord:
 
     @property
     def on_driver(self) -> bool:
-        return self.id.startswith("driver-")
+        return is_sample_id(self.id)
 
     @property
     def start(self) -> float:

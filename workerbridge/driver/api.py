@@ -25,6 +25,7 @@ from ..task.runtime import Runtime
 from ..task.spec import R_LANG, TaskSpec
 from ..task.worker import Worker
 from ..wire.errors import BadInputError
+from ..wire.logline import SAMPLE_ID_BASE
 from .closure import R, pack
 from . import ship_python, shipping
 from .options import Call, check_call, parse_flag
@@ -40,7 +41,7 @@ try:
     _spark_cloudpickle.register_pickle_by_value(bootstrap)
 except ImportError:                       # pragma: no cover - pyspark is a dependency
     pass
-_inference_ids = itertools.count(1)
+_inference_ids = itertools.count(SAMPLE_ID_BASE + 1)   # log ids of schema samples
 
 UNIT_COLUMNS = ("__wb_partition", "__wb_unit")
 
@@ -111,12 +112,13 @@ def _wire(df, call: Call, closure, runtime: Runtime, struct, gateway, ship: tupl
     large = str(spark.conf.get("spark.sql.execution.arrow.useLargeVarTypes", "false")).lower()
     name = call.opts["name"]
     spec = TaskSpec(closure, runtime.digest, spark_arrow_schema(struct, large == "true"),
-                    gateway.address, call.worker_options, name, ship=ship)
+                    gateway.address, call.worker_options, name, ship=ship,
+                    input_names=tuple(df.columns))
     task = bootstrap.make_task(runtime.blob(), runtime.digest, __version__,
                                cloudpickle.dumps(spec), call.opts["barrier"])
     if name:
         task.__name__ = task.__qualname__ = _identifier(name)
-    source = df.repartition(*call.group_by) if call.group_by else df
+    source = _placeholder_named(df, call.group_by)
     return source.mapInArrow(task, struct, barrier=call.opts["barrier"])
 
 
@@ -172,6 +174,18 @@ def timeline(spark=None, path: str = "timeline.html", since: Optional[float] = N
 
 
 # ---- helpers ---------------------------------------------------------------------------
+def _placeholder_named(df, group_by: list):
+    """``df`` with its columns renamed by position to ``_wb0``, ``_wb1``, ...
+    (and repartitioned by the group columns): PySpark's mapInArrow and
+    repartition resolve names, which fails for a dot, a backtick or a space.
+    The Worker gives the batches their real names back (``input_names``)."""
+    safe = [f"_wb{i}" for i in range(len(df.columns))]
+    source = df.toDF(*safe)
+    if group_by:
+        source = source.repartition(*[safe[df.columns.index(k)] for k in group_by])
+    return source
+
+
 def _groups_first(struct, source, group_by: list):
     """The output schema with the group columns in front (typed as in the input)."""
     from pyspark.sql.types import StructType
@@ -217,7 +231,9 @@ def _infer(df, spec: TaskSpec, root: str, sample_rows: int):
     if sample.num_rows == 0:
         raise BadInputError("cannot infer the output schema: the input has no rows to sample; "
                             "pass schema=")
-    worker = Worker(spec, partition="sample", task_id=f"driver-{next(_inference_ids)}", root=root)
+    # partition 0: the closure sees a real integer index; the log lines say
+    # "schema sample" and carry a number of their own (SAMPLE_ID_BASE and up)
+    worker = Worker(spec, partition=0, task_id=next(_inference_ids), root=root, sample=True)
     batches = list(worker.run(sample.to_batches()))
     if not batches:
         raise BadInputError("cannot infer the output schema: the closure returned nothing for "
@@ -225,6 +241,18 @@ def _infer(df, spec: TaskSpec, root: str, sample_rows: int):
     if batches[0].num_columns == 0:
         raise BadInputError("cannot infer the output schema: the closure returned no columns; "
                             "pass schema=")
-    return arrow_to_struct(batches[0].schema)
+    return _typed_like_input(arrow_to_struct(batches[0].schema), batches[0].schema, df.schema)
+
+
+def _typed_like_input(struct, arrow_schema, source):
+    """An all-null result column (Arrow type null: nothing to infer from) named
+    like an input column takes the input column's type, not string."""
+    import pyarrow as pa
+    from pyspark.sql.types import StructField, StructType
+    have = set(source.names)
+    return StructType([
+        StructField(f.name, source[f.name].dataType, True)
+        if pa.types.is_null(arrow_schema.field(i).type) and f.name in have else f
+        for i, f in enumerate(struct.fields)])
 
 

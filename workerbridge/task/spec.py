@@ -66,6 +66,9 @@ class TaskSpec:
     options: WorkerOptions = WorkerOptions()
     name: Optional[str] = None
     ship: tuple = ()                     # task.artifacts.Artifact: R packages, a Python env
+    # The input's column names, when Spark hands the task placeholder names
+    # (driver.api renames the columns: PySpark's mapInArrow cannot resolve dotted ones)
+    input_names: Optional[tuple] = None
     # One per spark_apply: a warm child that last ran another job resets what a
     # closure may have left behind (globals, options, cwd, environment) first.
     job: str = field(default_factory=lambda: secrets.token_hex(8))

@@ -130,9 +130,10 @@ class Worker:
     """One partition task: ``Worker(spec, partition, task_id).run(batches)``."""
 
     def __init__(self, spec: TaskSpec, partition: object, task_id: object,
-                 extra: Optional[dict] = None, *, root: str):
+                 extra: Optional[dict] = None, *, root: str, sample: bool = False):
         self.spec = spec
         self.root = Path(root)           # the shipped runtime, laid out by the caller
+        self.sample = sample             # the schema sample, run on the driver
         self.extra = dict(extra or {})
         self.closure = spec.closure
         self.partition = partition
@@ -148,12 +149,15 @@ class Worker:
     # ---- the task -----------------------------------------------------------------
     def run(self, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         try:
-            it = iter(batches)
+            it = iter(batches) if self.spec.input_names is None else \
+                (pa.RecordBatch.from_arrays(b.columns, names=list(self.spec.input_names))
+                 for b in batches)
             first = next((b for b in it if b.num_rows > 0), None)
             if first is None:
                 self.log.write("Worker", line("empty", partition=self.partition))
                 return
             label = f" for {self.spec.name!r}" if self.spec.name else ""
+            label += " (schema sample)" if self.sample else ""
             self.log.write("Worker", line("start", partition=self.partition, label=label))
             yield from self._run(first, it)
         except TaskError as e:
@@ -404,10 +408,10 @@ class Worker:
             pending.append(batch)
             rows, size = rows + batch.num_rows, size + batch.nbytes
             if rows >= COALESCE_ROWS or size >= COALESCE_BYTES:
-                yield _joined(pending)
+                yield from joined_batches(pending)
                 pending, rows, size = [], 0, 0
         if pending:
-            yield _joined(pending)
+            yield from joined_batches(pending)
 
     def _read_result(self, stream: io.BufferedReader) -> Iterator[pa.RecordBatch]:
         lang = language_of(self.closure.language)
@@ -565,10 +569,21 @@ def _partial_log_record(head: bytes) -> dict:
     return rec
 
 
-def _joined(batches: list) -> pa.RecordBatch:
+def joined_batches(batches: list) -> Iterator[pa.RecordBatch]:
+    """``batches`` as few batches: one, unless the joined strings would pass
+    Arrow's 32-bit offsets, where Arrow splits them.  Every row is yielded,
+    and a count that does not add up fails loudly."""
     if len(batches) == 1:
-        return batches[0]
-    return pa.Table.from_batches(batches).combine_chunks().to_batches()[0]
+        yield batches[0]
+        return
+    want = sum(b.num_rows for b in batches)
+    got = 0
+    for batch in pa.Table.from_batches(batches).combine_chunks().to_batches():
+        got += batch.num_rows
+        yield batch
+    if got != want:
+        raise RuntimeError(f"joining input batches gave {got} rows, not {want}: "
+                           "the task fails rather than lose rows (a workerbridge bug: please report it)")
 
 
 class _SocketSink:

@@ -19,6 +19,10 @@ from typing import Optional
 ROLES = ("Gateway", "Worker", "PyScript", "RScript", "PyClosure", "RClosure")
 LEVELS = ("DEBUG", "INFO", "WARN", "ERROR")
 
+# The ids of schema-sample tasks on the driver: numbers too (the format says
+# so), counted up from here, far above Spark's task attempt ids.
+SAMPLE_ID_BASE = 10**12
+
 LINE_RE = re.compile(
     r"^(?P<date>\d{2}/\d{2}/\d{2}) (?P<time>\d{2}:\d{2}:\d{2}) (?P<level>DEBUG|INFO|WARN|ERROR) "
     r"workerbridge: (?P<role>" + "|".join(ROLES) + r") \((?P<id>[^)]+)\) (?P<message>.*)$")
@@ -34,6 +38,16 @@ def format_line(role: str, ident: object, message: str, level: str = "INFO",
     stamp = time.strftime("%y/%m/%d %H:%M:%S", time.localtime(time.time() if when is None else when))
     text = " | ".join(part for part in str(message).splitlines()) or ""
     return f"{stamp} {level} workerbridge: {role} ({ident}) {text}"
+
+
+def is_sample_id(ident: object) -> bool:
+    """Whether a line's id is a schema-sample task's (on the driver).
+
+    >>> is_sample_id(SAMPLE_ID_BASE + 1), is_sample_id("3373")
+    (True, False)
+    """
+    text = str(ident)
+    return text.isdigit() and int(text) >= SAMPLE_ID_BASE
 
 
 def parse_line(line: str) -> Optional[dict]:
