@@ -41,3 +41,31 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# ---- The R package (R/, man/, tests/testthat): R users drive PySpark from R.
+# make setup installs reticulate, testthat and codetools (Debian r-cran-*);
+# make test runs R CMD check on the built package, which runs the testthat
+# tests against this checkout's .venv (WORKERBRIDGE_PYTHON).  R CMD check's
+# report: build/rcheck/workerbridge.Rcheck/00check.log.
+R_DEBS := r-cran-reticulate r-cran-testthat r-cran-codetools
+RCHECK := build/rcheck
+# the package's files, staged so that R CMD build does not copy .venv first
+R_PKG  := DESCRIPTION NAMESPACE .Rbuildignore R man tests/testthat.R tests/testthat
+.PHONY: r-deps r-check
+setup: r-deps
+test: r-check
+
+r-deps: system
+	@Rscript -e 'ok <- vapply(c("reticulate", "testthat", "codetools"), requireNamespace, NA, quietly = TRUE); q(status = !all(ok))' 2>/dev/null || { \
+	  echo "installing: $(R_DEBS)"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(R_DEBS); }
+
+r-check: r-deps $(STAMP)
+	rm -rf $(RCHECK) && mkdir -p $(RCHECK)/workerbridge
+	cp -r --parents $(R_PKG) $(RCHECK)/workerbridge
+	cd $(RCHECK) && R CMD build --no-build-vignettes --no-manual workerbridge
+	cd $(RCHECK) && WORKERBRIDGE_PYTHON=$(abspath $(PY)) _R_CHECK_SYSTEM_CLOCK_=0 \
+	  R CMD check --no-manual workerbridge_*.tar.gz || { \
+	  cat workerbridge.Rcheck/tests/testthat.Rout.fail 2>/dev/null; exit 1; }
+	@! grep -q "^Status:.*\(WARNING\|ERROR\)" $(RCHECK)/workerbridge.Rcheck/00check.log

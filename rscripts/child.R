@@ -12,6 +12,8 @@
 # Exit status: 0 after BYE or EOF while waiting for a TASK; 1 on a protocol
 # error (message on stderr); 2 when it cannot start (no port, no secret, ...).
 #
+# CLOSURE: R source whose value is the function, or (options closure_format
+# "serialized") the R package's serialize()d closure, see wb_unserialize_closure.
 # TASK fields used: partition, r_lib and options$ship_r (shipped packages,
 # rscripts/shipped.R), closure_hash (an empty CLOSURE frame reuses the
 # closure received earlier under that hash), context, barrier, packages (top
@@ -103,6 +105,10 @@ local({
   })
 
   # -- task loop -------------------------------------------------------------
+  # The byte-code JIT is off for the child's own code: it compiled the task's
+  # nested functions (and the JSON reader's) anew in every task, ~30 ms a
+  # warm task (Rprof).  The user's closure runs under the session's level.
+  wb_closure_jit <<- compiler::enableJIT(0L)
   cache <- new.env(parent = emptyenv())     # closure_hash -> function (warm reuse)
   baseline <- wb_baseline()
   # WORKERBRIDGE_RPROF=<file>: an Rprof sampling profile of every task (bench/)
@@ -350,13 +356,72 @@ local({
                paste(class(x), collapse = "/")), call. = FALSE)
 }
 
+# A closure the R package serialized (CLOSURE frame of a TASK with options
+# closure_format "serialized"; read only after the handshake): list(kind, f,
+# context, globals), globals being the environment of the captured variables
+# and helpers (parent: the global environment).  Returns f with its context as
+# attribute "wb_context" (a list of one value, kept with f in the warm cache).
+.wb$wb_unserialize_closure <- function(raw, env) {
+  obj <- unserialize(raw)
+  if (!is.list(obj) || !identical(obj$kind, "workerbridge R closure") || !is.function(obj$f))
+    stop("the CLOSURE frame does not hold a closure serialized by the workerbridge R package",
+         call. = FALSE)
+  if (is.environment(obj$globals))
+    assign("worker_log", get("worker_log", envir = env), envir = obj$globals)
+  f <- obj$f
+  attr(f, "wb_context") <- list(obj$context)
+  f
+}
+
 # Run `expr` with the byte-code JIT off: the codec's functions then run
 # interpreted, which for one task costs less than compiling them (~0.5 s).
-# The user's closure still runs under the session's JIT setting.
+# The user's closure still runs under the session's JIT setting
+# (wb_with_closure_jit; wb_child_main turns the JIT off for everything else).
 .wb$wb_nojit <- function(expr) {
   old <- compiler::enableJIT(0L)
   on.exit(compiler::enableJIT(old))
   expr
+}
+.wb$wb_closure_jit <- 3L
+.wb$wb_with_closure_jit <- function(expr) {
+  old <- compiler::enableJIT(wb_closure_jit)
+  on.exit(compiler::enableJIT(old))
+  expr
+}
+
+# profile=True: the task's phases in seconds (transfer, decode, closure,
+# encode, send) and an Rprof sampling profile of the whole task, sent as one
+# "profile {json}" line before "finished" (format: workerbridge/phases.py).
+# When off, every verb is a no-op and the writer is passed through.
+.wb$wb_profiler <- function(on) {
+  st <- new.env(parent = emptyenv())
+  st$phases <- list(transfer = 0, decode = 0, closure = 0, encode = 0, send = 0)
+  st$transfer <- 0                       # added to by arrow_read_stream(timing = st)
+  now <- function() as.numeric(Sys.time())
+  add <- function(name, secs) if (on) st$phases[[name]] <- st$phases[[name]] + secs
+  file <- if (on) tempfile("wb-rprof-") else ""   # in R's private session directory
+  if (on) utils::Rprof(file, interval = 0.005)
+  stop_rprof <- function() if (on && nzchar(file)) { utils::Rprof(NULL); unlink(file); file <<- "" }
+  line <- function() {
+    utils::Rprof(NULL)
+    top <- tryCatch(utils::summaryRprof(file)$by.self, error = function(e) NULL)
+    stop_rprof()
+    fns <- list()
+    if (!is.null(top) && nrow(top)) {
+      top <- top[seq_len(min(nrow(top), 25L)), , drop = FALSE]
+      fns <- lapply(seq_len(nrow(top)), function(i)
+        list(gsub("\"", "", rownames(top)[i], fixed = TRUE), top$self.time[i], top$total.time[i]))
+    }
+    st$phases$transfer <- st$transfer
+    paste0("profile ", wb_json_encode(list(profiler = "Rprof", phases = lapply(st$phases, round, 6L),
+                                           functions = fns)))
+  }
+  list(on = on, now = now, add = add, timing = if (on) st else NULL,
+       send_time = function() st$phases$send,
+       writer = function(write) if (!on) write else function(bytes) {
+         t0 <- now(); write(bytes); add("send", now() - t0)
+       },
+       line = line, stop = stop_rprof)
 }
 
 # One task: TASK payload already read.  Frames are written to out$write (a
@@ -379,9 +444,12 @@ local({
   index_param <- if (is.character(opts$partition_index_param) &&
                      length(opts$partition_index_param) == 1L) opts$partition_index_param else NULL
   hash <- if (is.character(task$closure_hash) && length(task$closure_hash) == 1L) task$closure_hash else NULL
+  prof <- wb_profiler(isTRUE(opts$profile))
+  on.exit(prof$stop())
 
   src_raw <- wb_expect(con, "CLOSURE")
-  src <- rawToChar(src_raw)
+  serialized <- identical(opts$closure_format, "serialized")
+  src <- if (serialized) "" else rawToChar(src_raw)
   Encoding(src) <- "UTF-8"
 
   send_error <- function(payload) wb_send_json(out$write, "ERROR", payload)
@@ -425,13 +493,17 @@ local({
                       call = NULL, traceback = I(character(0)))
   } else if (is.null(failure)) {
     f <- tryCatch({
-      exprs <- parse(text = src, keep.source = FALSE, encoding = "UTF-8")
-      val <- NULL
-      for (ex in exprs) val <- eval(ex, env)
-      val
+      if (serialized) wb_unserialize_closure(src_raw, env)
+      else {
+        exprs <- parse(text = src, keep.source = FALSE, encoding = "UTF-8")
+        val <- NULL
+        for (ex in exprs) val <- eval(ex, env)
+        val
+      }
     }, error = function(e) {
       p <- wb_error_payload("closure", e)
-      p$message <- paste0("could not evaluate the closure source: ", conditionMessage(e))
+      p$message <- paste0(if (serialized) "could not load the serialized closure: "
+                          else "could not evaluate the closure source: ", conditionMessage(e))
       cl <- conditionCall(e)
       if (is.call(cl) && identical(cl[[1L]], quote(parse))) p["call"] <- list(NULL)   # our own call
       failure <<- p
@@ -468,15 +540,18 @@ local({
   }
   batch_mode <- identical(opts$batch_mode, "batch") && !length(group_by)
   df <- NULL
+  t_read <- prof$now()
   if (!batch_mode) {
     df <- tryCatch(withCallingHandlers(
-                     wb_nojit(arrow_read_stream(con, int64 = int64, factors = factors)),
+                     wb_nojit(arrow_read_stream(con, int64 = int64, factors = factors,
+                                                timing = prof$timing)),
                      warning = decode_warning),
                    arrow_codec_error = function(e) e)
     if (inherits(df, "arrow_codec_error")) {
       send_error(codec_failure(df))
       return(invisible(FALSE))
     }
+    if (prof$on) prof$add("decode", prof$now() - t_read - prof$timing$transfer)
     rows_in <- .row_names_info(df, 2L)
     log_msg(wb_lifecycle("retrieved", rows = rows_in))
     log_msg(wb_lifecycle("columns", columns = length(df)))
@@ -488,6 +563,7 @@ local({
   # call the closure: f(df), or f(df, context) when it takes two or more
   # arguments or `...`; the partition index as `index_param` and the barrier
   # infos as `barrier` when f has parameters of those names
+  if (!is.null(attr(f, "wb_context", exact = TRUE))) context <- attr(f, "wb_context", exact = TRUE)[[1L]]
   fmls <- formals(f)
   if (is.null(fmls) && is.primitive(f)) fmls <- formals(args(f))
   fnames <- names(fmls)
@@ -529,7 +605,7 @@ local({
     # ---- batch mode: the closure per Arrow record batch, each result streamed
     # back at once; memory bounded by a batch.  Log lines wait while the
     # output stream is open (they would land inside it).
-    jit <- compiler::enableJIT(-1L)
+    jit <- wb_closure_jit
     st <- new.env(parent = emptyenv())
     st$rows_in <- 0
     st$rows_out <- 0
@@ -539,20 +615,23 @@ local({
     st$first_empty <- NULL      # an empty first result, written only if nothing else is
     stop_batches <- structure(class = c("wb_batch_failed", "error", "condition"),
                               list(message = "batch failed", call = NULL))
+    send <- prof$writer(out$write)
     writer <- arrow_stream_writer(function(bytes) {
       if (!st$output) {
-        wb_send_frame(out$write, "OUTPUT")
+        wb_send_frame(send, "OUTPUT")
         st$output <- TRUE
       }
-      out$write(bytes)
+      send(bytes)
     }, batch_rows = batch_rows)
     on_batch <- function(df) {
       st$batches <- st$batches + 1L
       st$rows_in <- st$rows_in + .row_names_info(df, 2L)
       old <- compiler::enableJIT(jit)        # the closure runs under the session's JIT
+      t0 <- prof$now()
       res <- tryCatch(withCallingHandlers(eval(call), warning = closure_warning,
                                           error = closure_error),
                       error = function(e) e)
+      prof$add("closure", prof$now() - t0)
       compiler::enableJIT(old)
       df <- NULL
       if (inherits(res, "error")) {
@@ -570,7 +649,10 @@ local({
         if (is.null(st$first_empty) && !writer$started()) st$first_empty <- prep
         return(invisible(NULL))
       }
+      t0 <- prof$now()
+      sent <- prof$send_time()
       err <- tryCatch({ writer$write(prep); NULL }, arrow_codec_error = function(e) e)
+      prof$add("encode", prof$now() - t0 - (prof$send_time() - sent))
       if (!is.null(err)) {
         st$failure <- result_failure(err)
         stop(stop_batches)
@@ -584,11 +666,13 @@ local({
     logs$hold()
     got <- tryCatch(withCallingHandlers(
                       wb_nojit(arrow_read_stream(con, int64 = int64, factors = factors,
-                                                 on_batch = on_batch)),
+                                                 on_batch = on_batch, timing = prof$timing)),
                       warning = decode_warning),
                     wb_batch_failed = function(e) e,
                     arrow_codec_error = function(e) e)
     if (inherits(got, "arrow_codec_error")) st$failure <- codec_failure(got)
+    if (prof$on)                   # what the reading took besides the batches' own work
+      prof$add("decode", prof$now() - t_read - prof$timing$transfer - sum(unlist(prof$timing$phases)))
     if (st$output) writer$close()              # end the stream before anything else
     logs$release()
     if (!is.null(st$failure)) {
@@ -606,6 +690,7 @@ local({
     log_msg(wb_lifecycle("columns", columns = length(got$names)))
     log_msg(wb_lifecycle("applied", rows = st$rows_in, detail = sprintf(" in %d batches", st$batches)))
     log_msg(wb_lifecycle("returned", rows = st$rows_out))
+    if (prof$on) log_msg(prof$line())
     log_msg(wb_lifecycle("finished"))
     wb_send_json(out$write, "DONE", list(rows_in = st$rows_in, rows_out = st$rows_out))
     return(invisible(TRUE))
@@ -620,13 +705,15 @@ local({
       df <- if (is.null(rows)) whole
             else structure(lapply(whole, function(x) x[rows]), names = names(whole),
                            class = "data.frame", row.names = .set_row_names(length(rows)))
-      res[u] <- list(eval(call))
+      res[u] <- list(wb_with_closure_jit(eval(call)))
     }
     res
   }
+  t0 <- prof$now()
   result <- tryCatch(
     withCallingHandlers(run_units(df), warning = closure_warning, error = closure_error),
     error = function(e) e)
+  prof$add("closure", prof$now() - t0)
   if (inherits(result, "error")) {
     send_error(closure_failure(result))
     return(invisible(FALSE))
@@ -634,6 +721,7 @@ local({
   log_msg(wb_lifecycle("applied", rows = rows_in,
                        detail = if (length(group_by)) sprintf(" in %d groups", length(units)) else ""))
 
+  t0 <- prof$now()
   prep <- tryCatch({
     frames <- lapply(result, wb_as_frame)
     if (length(group_by)) {
@@ -656,7 +744,9 @@ local({
   rows_out <- prep$nrow
   log_msg(wb_lifecycle("returned", rows = rows_out))
   wb_send_frame(out$write, "OUTPUT")
-  wb_nojit(arrow_write_stream(prep, out$write, batch_rows = batch_rows))
+  wb_nojit(arrow_write_stream(prep, prof$writer(out$write), batch_rows = batch_rows))
+  prof$add("encode", prof$now() - t0 - prof$send_time())
+  if (prof$on) log_msg(prof$line())
   log_msg(wb_lifecycle("finished"))
   wb_send_json(out$write, "DONE", list(rows_in = rows_in, rows_out = rows_out))
   invisible(TRUE)
@@ -665,8 +755,8 @@ local({
 # Give the child's functions the child environment as their home.
 local({
   for (nm in c("wb_child_main", "wb_log_channel", "wb_error_payload", "wb_deparse_call", "wb_as_frame", "wb_run_task",
-               "wb_nojit", "wb_traceback", "wb_split_groups", "wb_with_keys", "wb_rbind", "wb_tag",
-               "wb_watch_parent", "wb_baseline", "wb_enter_job"))
+               "wb_nojit", "wb_with_closure_jit", "wb_profiler", "wb_traceback", "wb_split_groups", "wb_with_keys", "wb_rbind", "wb_tag",
+               "wb_watch_parent", "wb_baseline", "wb_enter_job", "wb_unserialize_closure"))
     environment(.wb[[nm]]) <- .wb
 })
 

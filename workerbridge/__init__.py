@@ -30,7 +30,7 @@ The public names are imported lazily, so the child can import this package
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["spark_apply", "spark_log", "R", "log", "timeline", "__version__"]
+__all__ = ["spark_apply", "spark_log", "R", "log", "timeline", "profile", "__version__"]
 
 _LAZY = {
     "spark_apply": ("workerbridge.driver.api", "spark_apply"),
@@ -38,6 +38,7 @@ _LAZY = {
     "timeline": ("workerbridge.driver.api", "timeline"),
     "R": ("workerbridge.driver.closure", "R"),
     "log": ("workerbridge.child.userlog", "log"),
+    "profile": ("workerbridge.driver.api", "profile"),
 }
 
 

@@ -12,6 +12,7 @@ cloudpickle — never pyspark — so it runs in any interpreter that has those.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import inspect
 import os
@@ -22,6 +23,7 @@ import traceback
 from typing import Any, Optional
 
 from workerbridge.child import userlog
+from workerbridge.wire import phases
 from workerbridge.wire import protocol as P
 from workerbridge.wire.lifecycle import language_of, line
 
@@ -63,7 +65,10 @@ def main() -> int:
             raise P.ProtocolError(f"expected TASK or BYE, got {P.MESSAGE_NAMES[msg_type]}")
         task = P.decode_json(payload)
         baseline.enter(task.get("job"), closures)
-        run_task(task, stream, channel, closures)
+        try:
+            run_task(task, stream, channel, closures)
+        finally:
+            Profile.stop()          # a task that failed midway leaves no profiler on
 
 
 class Baseline:
@@ -179,9 +184,11 @@ def run_task(task: dict, stream, channel: Channel, closures: dict) -> None:
     digest = task.get("closure_hash", "")
     payload = P.expect(stream, P.CLOSURE)
     P.expect(stream, P.INPUT)
+    profile = Profile.start() if task.get("options", {}).get("profile") else None
     reader = pa.ipc.open_stream(stream)
     batch_mode = task.get("options", {}).get("batch_mode") == "batch"
-    table = None if batch_mode else reader.read_all()
+    with timed(profile, "transfer"):
+        table = None if batch_mode else reader.read_all()
     try:
         if digest not in closures:
             import cloudpickle
@@ -194,26 +201,28 @@ def run_task(task: dict, stream, channel: Channel, closures: dict) -> None:
         channel.error("unpickle", e)
         return
     if batch_mode:
-        return run_batches(packed, reader, task, channel)
+        return run_batches(packed, reader, task, channel, profile)
     channel.log(line("retrieved", rows=table.num_rows))
     channel.log(line("columns", columns=table.num_columns))
     try:
-        out, groups = apply(packed["func"], table, packed.get("context"), task)
+        out, groups = apply(packed["func"], table, packed.get("context"), task, profile)
     except _Failed as failed:
         channel.error(failed.kind, failed.error)
         return
     channel.log(line("applied", rows=table.num_rows,
                      detail=f" in {groups} groups" if groups is not None else ""))
     channel.log(line("returned", rows=out.num_rows))
-    with channel.lock:
+    with channel.lock, timed(profile, "send"):
         output = OutputStream(channel)
         output.write(out)
         output.close()
+    if profile is not None:
+        channel.log(profile.line())
     channel.log(line("finished"))
     P.send_json(channel.sock, P.DONE, {"rows_in": table.num_rows, "rows_out": out.num_rows})
 
 
-def run_batches(packed, reader, task: dict, channel: Channel) -> None:
+def run_batches(packed, reader, task: dict, channel: Channel, profile=None) -> None:
     """Batch mode: the closure per Arrow batch, results streamed back while the
     input still arrives; memory bounded by a batch."""
     import pyarrow as pa
@@ -226,9 +235,10 @@ def run_batches(packed, reader, task: dict, channel: Channel) -> None:
             rows_in += batch.num_rows
             batches += 1
             out, _ = apply(packed["func"], pa.Table.from_batches([batch]), packed.get("context"),
-                           task)
+                           task, profile)
             if out.num_rows or output.writer is None:
-                output.write(out)
+                with timed(profile, "send"):
+                    output.write(out)
     except _Failed as failed:
         failure = failed
     except ResultTypeError as e:
@@ -247,6 +257,8 @@ def run_batches(packed, reader, task: dict, channel: Channel) -> None:
     channel.log(line("columns", columns=len(reader.schema)))
     channel.log(line("applied", rows=rows_in, detail=f" in {batches} batches"))
     channel.log(line("returned", rows=output.rows))
+    if profile is not None:
+        channel.log(profile.line())
     channel.log(line("finished"))
     P.send_json(channel.sock, P.DONE, {"rows_in": rows_in, "rows_out": output.rows})
 
@@ -266,7 +278,40 @@ class _Failed(Exception):
         self.kind, self.error = kind, error
 
 
-def apply(func, table, context, task: dict):
+class Profile:
+    """``profile=True``: the task's phases and a cProfile of the whole task."""
+
+    def __init__(self):
+        import cProfile
+        self.clock = phases.PhaseClock()
+        self.profiler = cProfile.Profile()
+
+    active: Optional["Profile"] = None
+
+    @classmethod
+    def start(cls) -> "Profile":
+        prof = cls.active = cls()
+        prof.profiler.enable()
+        return prof
+
+    @classmethod
+    def stop(cls) -> None:
+        if cls.active is not None:
+            cls.active.profiler.disable()
+            cls.active = None
+
+    def line(self) -> str:
+        self.profiler.disable()
+        return phases.format_profile("cProfile", self.clock.seconds,
+                                     phases.top_functions(self.profiler))
+
+
+def timed(profile: Optional[Profile], name: str):
+    """A phase of a profiled task (nothing when not profiling)."""
+    return profile.clock.phase(name) if profile is not None else contextlib.nullcontext()
+
+
+def apply(func, table, context, task: dict, profile: Optional[Profile] = None):
     """The closure over the partition, or over each whole group of it.
 
     Returns the result table and the number of groups (None without group_by).
@@ -282,11 +327,15 @@ def apply(func, table, context, task: dict):
     parts = []
     for part in units:
         try:
-            result = call_closure(func, part if as_arrow else to_pandas(part), context, task)
+            with timed(profile, "decode"):
+                data = part if as_arrow else to_pandas(part)
+            with timed(profile, "closure"):
+                result = call_closure(func, data, context, task)
         except BaseException as e:                    # noqa: BLE001
             raise _Failed("closure", e) from None
         try:
-            out = to_table(result)
+            with timed(profile, "encode"):
+                out = to_table(result)
         except BaseException as e:                    # noqa: BLE001
             raise _Failed("result", e) from None
         if not keys:

@@ -13,6 +13,12 @@ Phases of one task, from its lines::
     apply    "retrieved N rows"                      -> "applied closure to N rows"
     send     "applied closure ..."                   -> "finished"
 
+A task run with ``profile=True`` also shows ``decode`` and ``encode``, as
+long as its profile line measured them: RScript decodes before its
+"retrieved" line and encodes after "applied" (the end of receive, the start
+of send); PyScript converts to and from pandas between those two lines (the
+start and the end of apply).
+
 >>> from workerbridge.wire.logline import format_line
 >>> lines = [format_line("Worker", 9, "partition 1 compute starting"),
 ...          format_line("PyScript", 9, "is connected to backend"),
@@ -36,8 +42,10 @@ from typing import Iterable, Optional
 
 from ..wire.lifecycle import SCRIPT_ROLES, language_by_role, read
 from ..wire.logline import parse_line
+from ..wire.phases import parse_profile
 
 PHASES = ("spawn", "receive", "apply", "send")
+PROFILED_PHASES = ("decode", "encode")       # split off receive and send by a profile line
 # boundary names in order; phase i runs from BOUNDARIES[i] to BOUNDARIES[i + 1]
 BOUNDARIES = ("start", "connected", "retrieved", "applied", "finished")
 
@@ -58,6 +66,7 @@ class TaskRecord:
     empty: bool = False
     error: Optional[str] = None
     last: float = 0.0                         # time of the task's last line
+    profile: Optional[dict] = None            # the child's profile line (profile=True)
 
     @property
     def completed(self) -> bool:
@@ -107,7 +116,29 @@ class TaskRecord:
                        if n not in done and BOUNDARIES[i + 1] not in self.times]
             if pending:
                 out.append((pending[0], prev, self.last))
-        return out
+        return self._split_profiled(out) if self.profile else out
+
+    def _split_profiled(self, out: list) -> list:
+        """decode and encode cut out of the phases they happen in, as long as
+        measured (capped by that phase)."""
+        measured = self.profile.get("phases", {})
+        dec, enc = float(measured.get("decode") or 0), float(measured.get("encode") or 0)
+        split = []
+        for name, a, b in out:
+            if self.language == "R" and name == "receive" and dec:
+                m = max(a, b - dec)
+                split += [("receive", a, m), ("decode", m, b)]
+            elif self.language == "R" and name == "send" and enc:
+                m = min(b, a + enc)
+                split += [("encode", a, m), ("send", m, b)]
+            elif self.language == "Python" and name == "apply" and (dec or enc):
+                m1 = min(b, a + dec)
+                m2 = max(m1, b - enc)
+                split += [p for p in (("decode", a, m1), ("apply", m1, m2), ("encode", m2, b))
+                          if p[2] > p[1] or p[0] == "apply"]
+            else:
+                split.append((name, a, b))
+        return split
 
 
 def _new_record(records: dict, ident: str, t: float) -> TaskRecord:
@@ -187,6 +218,11 @@ def _child_line(records: dict, ident: str, t: float, msg: str) -> Optional[TaskR
             record.rows_out = int(fields["rows"])
         elif boundary == "applied" and fields.get("groups"):
             record.groups = int(fields["groups"])
+        return record
+    measured = parse_profile(msg)
+    if measured is not None:
+        record = _record_for(records, ident, t, "finished")
+        record.profile = measured
         return record
     return None
 

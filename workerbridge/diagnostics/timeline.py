@@ -23,15 +23,18 @@ import sys
 import time
 from typing import Optional
 
-from .tasks import PHASES, TaskRecord
+from .tasks import PHASES, PROFILED_PHASES, TaskRecord
 
 PHASE_TITLES = {
     "spawn": "spawn (start → child connected)",
     "receive": "connect/receive (connected → rows retrieved)",
     "apply": "apply (the closure)",
     "send": "send (result → finished)",
+    "decode": "decode (Arrow → data frame, profiled)",
+    "encode": "encode (result → Arrow, profiled)",
 }
-COLORS = {"spawn": "#4e79a7", "receive": "#f28e2b", "apply": "#59a14f", "send": "#e15759"}
+COLORS = {"spawn": "#4e79a7", "receive": "#f28e2b", "apply": "#59a14f", "send": "#e15759",
+          "decode": "#edc948", "encode": "#b07aa1"}
 FAILED_COLOR = "#000000"
 
 
@@ -114,6 +117,12 @@ def _ticks(span: float, n: int = 6) -> list[float]:
     return [i * step for i in range(int(span / step) + 1)]
 
 
+def legend_phases(tasks: list[TaskRecord]) -> list:
+    """The line phases, and the profiled ones when a task shows them."""
+    shown = {name for task in tasks if task.profile for name, _, _ in task.phases()}
+    return list(PHASES) + [p for p in PROFILED_PHASES if p in shown]
+
+
 # ---- HTML: one inline SVG ------------------------------------------------------------------
 def render_html(tasks: list[TaskRecord], title: Optional[str] = None) -> str:
     """A self-contained HTML page: an SVG with one ``<g class="task">`` per task."""
@@ -127,7 +136,7 @@ def render_html(tasks: list[TaskRecord], title: Optional[str] = None) -> str:
            f'font-family="sans-serif" font-size="12">']
     # legend
     lx = label_w
-    for name in PHASES:
+    for name in legend_phases(tasks):
         out.append(f'<rect x="{lx}" y="10" width="12" height="12" fill="{COLORS[name]}"/>'
                    f'<text x="{lx + 16}" y="20">{html.escape(PHASE_TITLES[name])}</text>')
         lx += 16 + 7 * len(PHASE_TITLES[name]) + 14
@@ -184,7 +193,7 @@ def _png_matplotlib(tasks: list[TaskRecord], path: str, title: str) -> None:
     ax.set_xlabel("seconds since the first task started")
     ax.grid(axis="x", color="#dddddd")
     ax.set_axisbelow(True)
-    ax.legend(handles=[Patch(color=COLORS[p], label=PHASE_TITLES[p]) for p in PHASES],
+    ax.legend(handles=[Patch(color=COLORS[p], label=PHASE_TITLES[p]) for p in legend_phases(tasks)],
               loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=4, fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, bbox_inches="tight", pad_inches=0.2)

@@ -1,6 +1,7 @@
 """The closure: what a task ships to its child, packed once on the driver.
 
-Covers: :class:`R` (R code given as text or a file), packing a Python callable
+Covers: :class:`R` (R code given as text or a file), :class:`RFunction` (an R
+function serialized by R itself, as the R package sends it), packing a Python callable
 with cloudpickle (naming the captured object that cannot be pickled), the
 context, and the content hash that lets a warm child skip reloading it.  Does
 not cover: running it (``worker``, the children).
@@ -86,9 +87,38 @@ class R:
                             f"{out.stderr.decode('utf-8', 'replace')[-800:]}")
 
 
+class RFunction:
+    """An R function as R's ``serialize()`` wrote it, with what it needs.
+
+    The R package's ``spark_apply`` builds it: the function, the global
+    variables and helper functions it uses, and its context, in one XDR
+    serialization.  The child ``unserialize()``s it only after the handshake.
+
+    >>> RFunction(b"X\\n...").payload[:2]
+    b'X\\n'
+    """
+
+    def __init__(self, payload: Union[bytes, bytearray, memoryview]):
+        if isinstance(payload, (bytearray, memoryview)):
+            payload = bytes(payload)
+        if not isinstance(payload, bytes) or payload[:2] != b"X\n":
+            raise BadInputError("RFunction() takes the bytes of R's serialize(x, NULL) "
+                                "(XDR format, starting with 'X\\n')")
+        self.payload: bytes = payload
+
+    def __repr__(self) -> str:
+        return f"RFunction({len(self.payload)} bytes)"
+
+
 def pack(f: Union[Callable, R], context: Any = None, options: Optional[dict] = None) -> Closure:
     """A :class:`Closure` for a Python callable or an :class:`R`."""
     options = dict(options or {})
+    if isinstance(f, RFunction):
+        if context is not None:
+            raise BadInputError("an RFunction carries its context inside it; "
+                                "pass context= to the R package's spark_apply")
+        options["closure_format"] = "serialized"
+        return Closure(R_LANG, f.payload, None, options, _digest(f.payload))
     if isinstance(f, R):
         ctx = _context_json(context)
         code = f.source.encode("utf-8")

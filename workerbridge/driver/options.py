@@ -41,6 +41,7 @@ OPTIONS: dict[str, tuple[Any, Optional[str]]] = {
     "idle_timeout": (60.0, "idleTimeout"),
     "python_env": (None, None),
     "ship": (True, "ship"),
+    "profile": (False, "profile"),       # a per-task profile line; workerbridge.profile(spark)
 }
 
 
@@ -94,7 +95,8 @@ def _child_options(opts: dict, group_by: list) -> dict:
     return {"input": opts["input"], "int64": opts["int64"],
             "partition_index_param": opts["partition_index_param"],
             "packages": package_names(opts["packages"]), "group_by": group_by,
-            "batch_mode": opts["batch_mode"]}
+            "batch_mode": opts["batch_mode"],
+            "profile": parse_flag("profile", opts["profile"])}
 
 
 def _worker_options(opts: dict) -> WorkerOptions:

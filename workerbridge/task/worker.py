@@ -37,6 +37,7 @@ from ..wire.lifecycle import language_of, line
 from ..wire.logline import level_of
 from .artifacts import PYTHON_ENV, R_PACKAGES, ShipError, describe, env_python, finish_env, unpack
 from .backend import accept_child, new_selector
+from . import dictionary
 from .conform import conform
 from .logsink import LogSink
 from .pool import POOL, Warm
@@ -366,9 +367,15 @@ class Worker:
         rows = 0
         sink = _SocketSink(conn)
         try:
-            w = pa.ipc.new_stream(sink, first.schema)
-            for batch in self._input_batches(first, rest):
-                w.write_batch(batch)
+            batches = self._input_batches(first, rest)
+            head = next(batches)
+            # R: repeated string columns go dictionary-encoded (decided on the first batch)
+            encode = dictionary.repeated_string_columns(head) \
+                if self.closure.language == R_LANG else []
+            schema = dictionary.encoded_schema(head.schema, encode)
+            w = pa.ipc.new_stream(sink, schema)
+            for batch in itertools.chain([head], batches):
+                w.write_batch(dictionary.encode_columns(batch, schema, encode))
                 rows += batch.num_rows
             w.close()
             self.stats["rows_sent"] = rows
@@ -418,7 +425,7 @@ class Worker:
                 reader = pa.ipc.open_stream(stream)
                 for batch in reader:
                     rows += batch.num_rows
-                    yield self._conform(batch)
+                    yield self._conform(dictionary.decode_dictionaries(batch))
                 self.stats["rows_read"] = self.stats.get("rows_read", 0) + rows
             elif msg_type == P.DONE:
                 self.stats.update(P.decode_json(payload))
