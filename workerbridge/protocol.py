@@ -30,7 +30,8 @@ Order of one task::
     child  -> HELLO    {"pid", "protocol", "language", "runtime"}
     worker -> WELCOME  {"protocol"}            (or the worker closes the socket)
     worker -> TASK     {"partition", "task_id", "options", "context" (R)...}
-    worker -> CLOSURE  cloudpickle bytes (Python) or R source (UTF-8)
+    worker -> CLOSURE  cloudpickle bytes (Python) or R source (UTF-8), or R's
+                       serialize() (options "closure_format": "serialized")
     worker -> INPUT    + Arrow IPC stream of the partition's rows
     child  -> LOG*     {"level", "role", "message"}   (any time after WELCOME)
     child  -> OUTPUT   + Arrow IPC stream of the result  (then DONE)
