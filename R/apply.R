@@ -3,7 +3,7 @@
 # Covers: argument checks on the R side, columns= as a DDL string, types by
 # name or result names, the packages f needs, and handing the packed closure
 # (closure.R) with every other option of the Python spark_apply to it.  Does
-# not cover: what the Python side checks and runs (workerbridge/api.py).
+# not cover: what the Python side checks and runs (workerbridge/driver/api.py).
 
 # sparklyr users' type names, mapped to Spark's.
 wb_type_names <- c(character = "string", numeric = "double", integer = "int",

@@ -1,4 +1,4 @@
-# The link to Python: which interpreter, the workerbridge.rbridge module, calls
+# The link to Python: which interpreter, the workerbridge.driver.rbridge module, calls
 # into it that come back as R conditions, and the Arrow codec.
 #
 # Covers: choosing the Python (python=, option workerbridge.python, env
@@ -35,7 +35,7 @@ wb_python_path <- function(python = NULL) {
   file.path(normalizePath(dirname(found), mustWork = TRUE), basename(found))
 }
 
-# Start Python (once per R session) and import workerbridge.rbridge.
+# Start Python (once per R session) and import workerbridge.driver.rbridge.
 wb_start_python <- function(python) {
   if (reticulate::py_available(initialize = FALSE)) {
     running <- reticulate::py_config()$python
@@ -49,11 +49,7 @@ wb_start_python <- function(python) {
     Sys.setenv(RETICULATE_PYTHON = python)
     reticulate::use_python(python, required = TRUE)
   }
-  # the flat layout, or the layered one (workerbridge/driver/)
-  module <- "workerbridge.rbridge"
-  if (!reticulate::py_module_available(module) &&
-      reticulate::py_module_available("workerbridge.driver.rbridge"))
-    module <- "workerbridge.driver.rbridge"
+  module <- "workerbridge.driver.rbridge"
   bridge <- tryCatch(reticulate::import(module, convert = FALSE),
                      error = function(e) stop(sprintf(paste0(
                        "the Python at '%s' cannot import workerbridge: %s\nHint: install it ",
@@ -70,7 +66,7 @@ wb_bridge <- function() {
   .wb$bridge
 }
 
-# Call the Python function `name` of workerbridge.rbridge; its value, converted
+# Call the Python function `name` of workerbridge.driver.rbridge; its value, converted
 # to R, or an R condition carrying the Python exception's text.
 wb_call <- function(name, ..., .call = sys.call(-1L)) {
   bridge <- wb_bridge()
@@ -102,7 +98,7 @@ wb_raise <- function(err, call = NULL) {
 # traceback and a hint.
 wb_task_message <- function(text, kind) {
   if (!nzchar(kind)) return(text)
-  marker <- paste0("workerbridge.errors.", kind, ": ")
+  marker <- paste0("workerbridge.wire.errors.", kind, ": ")
   at <- gregexpr(marker, text, fixed = TRUE)[[1L]]
   if (at[1L] < 0L) return(text)
   sub("\\s+$", "", substring(text, at[length(at)] + nchar(marker)))

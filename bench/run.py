@@ -3,6 +3,7 @@
     make bench                                            # the full matrix (~40 min, 2 cores)
     .venv/bin/python bench/run.py --rows 1000000 --partitions 2 --repeat 3
     .venv/bin/python bench/run.py --only mapInPandas "spark_apply R warm"
+    .venv/bin/python bench/run.py --grouped-only --rows 1000000 --repeat 5   # vs applyInPandas
 
 For each rows x partitions cell, every method runs an identity closure and a
 small transform (``x * 2``) over a cached DataFrame of N rows x (2 long,
@@ -10,7 +11,11 @@ small transform (``x * 2``) over a cached DataFrame of N rows x (2 long,
 driver; each timing is the median of ``--repeat`` runs after one warm-up run,
 the methods of a cell interleaved (round k times every method once).
 Cold = a new child per partition (``reuse=False``), warm = children kept
-between tasks (the default).  Prints a table with the ratio to ``mapInPandas``,
+between tasks (the default).  The grouped case (``--groups``, default 10,000
+groups; ``--grouped-only`` runs nothing else) applies an identity closure per
+group with ``group_by`` against ``groupBy().applyInPandas``, over
+``--shuffle-partitions`` partitions.  Prints a table with the ratio to
+``mapInPandas`` (grouped: to ``applyInPandas``),
 the per-partition overhead (P=64 against P=2) and the peak RSS of the children,
 and writes JSON and a PNG chart to bench/results/.
 """
@@ -128,6 +133,55 @@ def methods(with_r: bool, with_rpy2: bool) -> dict:
     return out
 
 
+def grouped_methods(with_r: bool) -> dict:
+    """name -> build(df) for the grouped case: an identity closure per group of "g"."""
+    from workerbridge import R, spark_apply
+    out = {"applyInPandas": lambda df: df.groupBy("g").applyInPandas(lambda d: d, df.schema),
+           "spark_apply Python warm": lambda df: spark_apply(df, lambda d: d, schema=df.schema,
+                                                             group_by="g")}
+    if with_r:
+        out["spark_apply R warm"] = lambda df: spark_apply(df, R("function(d) d"), schema=df.schema,
+                                                           group_by="g")
+    return out
+
+
+def run_interleaved(spark, outs: dict, repeat: int) -> tuple[dict, dict]:
+    """Median inputs: {name: [seconds]}, {name: [peak child RSS MB]}; one warm-up run
+    each, then rounds that time every method once (the order rotating)."""
+    from workerbridge import spark_log
+    names = list(outs)
+    for out in outs.values():
+        timed(out, 1)
+    times = {name: [] for name in names}
+    peaks = {name: [] for name in names}
+    for k in range(repeat):
+        for name in names[k % len(names):] + names[:k % len(names)]:
+            before = len(spark_log(spark, filter="peak RSS", n=None))
+            times[name] += timed(outs[name], 1)
+            peak = peak_rss_mb(spark, before)
+            if peak:
+                peaks[name].append(peak)
+    return times, peaks
+
+
+def grouped_cell(spark, rows: int, groups: int, shuffle: int, repeat: int, with_r: bool) -> list:
+    from pyspark.sql import functions as F
+    spark.conf.set("spark.sql.shuffle.partitions", str(shuffle))
+    df = data(spark, rows, 2).withColumn("g", F.col("a") % groups).cache()
+    df.count()
+    times, _ = run_interleaved(spark, {n: b(df) for n, b in grouped_methods(with_r).items()},
+                               repeat)
+    df.unpersist()
+    out = []
+    for name, ts in times.items():
+        out.append({"method": name, "closure": f"grouped ({groups:,} groups)", "rows": rows,
+                    "partitions": shuffle, "median_s": statistics.median(ts), "runs_s": ts,
+                    "peak_child_rss_mb": None})
+        print(f"{name:38s} grouped   rows={rows:>9,d} P={shuffle:<3d} "
+              f"median {out[-1]['median_s']:7.3f} s", flush=True)
+    return out
+
+
 def timed(out, repeat: int) -> list[float]:
     times = []
     for _ in range(repeat):
@@ -156,15 +210,24 @@ def main() -> None:
     ap.add_argument("--no-r", action="store_true")
     ap.add_argument("--no-transform", action="store_true", help="identity only")
     ap.add_argument("--only", nargs="*", help="method names to run")
+    ap.add_argument("--groups", type=int, default=10_000, help="groups of the grouped case")
+    ap.add_argument("--shuffle-partitions", type=int, default=8,
+                    help="partitions of the grouped case (spark.sql.shuffle.partitions)")
+    ap.add_argument("--grouped-only", action="store_true", help="only the grouped case")
+    ap.add_argument("--no-grouped", action="store_true", help="skip the grouped case")
     ap.add_argument("--max-records-per-batch", type=int, default=100_000,
                     help="Spark's Arrow batch size (Spark's own default is 10,000)")
     args = ap.parse_args()
-    from workerbridge import spark_log
     with_r = not args.no_r and shutil.which("Rscript") is not None
     spark = session(args.max_records_per_batch)
     table = methods(with_r, have_rpy2())
     results = []
-    for rows in args.rows:
+    if not args.no_grouped:
+        for rows in args.rows:
+            if rows <= 1_000_000 or args.grouped_only:
+                results += grouped_cell(spark, rows, args.groups, args.shuffle_partitions,
+                                        args.repeat, with_r)
+    for rows in ([] if args.grouped_only else args.rows):
         for parts in args.partitions:
             df = data(spark, rows, parts)
             names = [name for name in table
@@ -173,19 +236,9 @@ def main() -> None:
             for transform in ([False] if args.no_transform else [False, True]):
                 closure = "transform" if transform else "identity"
                 outs = {name: table[name](df, transform) for name in names}
-                for out in outs.values():
-                    timed(out, 1)                                     # warm-up
                 # interleaved: each round times every method once, so that a
                 # slow spell of the machine does not land on one method only
-                times = {name: [] for name in names}
-                peaks = {name: [] for name in names}
-                for k in range(args.repeat):
-                    for name in names[k % len(names):] + names[:k % len(names)]:
-                        before = len(spark_log(spark, filter="peak RSS", n=None))
-                        times[name] += timed(outs[name], 1)
-                        peak = peak_rss_mb(spark, before)
-                        if peak:
-                            peaks[name].append(peak)
+                times, peaks = run_interleaved(spark, outs, args.repeat)
                 for name in names:
                     rec = {"method": name, "closure": closure, "rows": rows, "partitions": parts,
                            "median_s": statistics.median(times[name]), "runs_s": times[name],
@@ -200,14 +253,16 @@ def main() -> None:
 
 def report(results: list) -> None:
     def base(r):
+        want = "applyInPandas" if r["closure"].startswith("grouped") else "mapInPandas"
         for b in results:
-            if (b["method"] == "mapInPandas" and b["rows"] == r["rows"]
+            if (b["method"] == want and b["rows"] == r["rows"]
                     and b["partitions"] == r["partitions"] and b["closure"] == r["closure"]):
                 return b["median_s"]
         return float("nan")
 
     print()
-    print(f"| method | closure | rows | P | median s | x mapInPandas | peak child RSS MB |")
+    print("| method | closure | rows | P | median s | x mapInPandas (grouped: applyInPandas) "
+          "| peak child RSS MB |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
         r["ratio_to_mapInPandas"] = r["median_s"] / base(r)

@@ -1,6 +1,7 @@
 """One Worker and one warm child on this machine, no Spark: the child's share of a task.
 
     .venv/bin/python bench/worker_loop.py --rows 500000 --lang r --tasks 16
+    .venv/bin/python bench/worker_loop.py --lang r --keys 1000 --profile
     WORKERBRIDGE_RPROF=/tmp/r.prof .venv/bin/python bench/worker_loop.py --lang r
     Rscript -e 'summaryRprof("/tmp/r.prof")$by.total[1:30, ]'
     .venv/bin/py-spy record --subprocesses -f raw -o /tmp/w.raw -- \\
@@ -20,20 +21,28 @@ import statistics
 import time
 
 import numpy as np
+import psutil
 import pyarrow as pa
 
-from workerbridge.closure import R, pack
-from workerbridge.gateway import Gateway
-from workerbridge.pool import POOL
-from workerbridge.runtime import Runtime
-from workerbridge.worker import TaskSpec, Worker, WorkerOptions
+from workerbridge.driver.closure import R, pack
+from workerbridge.diagnostics.profiling import summarize
+from workerbridge.diagnostics.tasks import tasks_from_events
+from workerbridge.driver.gateway import Gateway
+from workerbridge.task.pool import POOL
+from workerbridge.task.runtime import Runtime
+from workerbridge.task.spec import TaskSpec, WorkerOptions
+from workerbridge.task.worker import Worker
 
 
-def partition(rows: int) -> pa.Table:
+def partition(rows: int, keys: int = 0) -> pa.Table:
+    """rows x (2 long, 2 double, 1 string); the string is "s<row>", or with
+    ``keys`` one of that many distinct values, drawn at random."""
     ids = np.arange(rows, dtype=np.int64)
     rng = np.random.default_rng(1)
+    words = np.array([f"s{i}" for i in range(keys or rows)], dtype=object)
+    s = words[rng.integers(0, keys, rows)] if keys else words
     return pa.table({"a": ids, "b": ids * 7, "x": ids / 3, "y": rng.random(rows),
-                     "s": pa.array([f"s{i}" for i in range(rows)])})
+                     "s": pa.array(s, pa.string())})
 
 
 def main() -> None:
@@ -44,28 +53,47 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=12)
     ap.add_argument("--batch-rows", type=int, default=100_000,
                     help="rows per input batch (Spark's maxRecordsPerBatch; its default is 10,000)")
+    ap.add_argument("--keys", type=int, default=0,
+                    help="distinct values of the string column (default: every row its own)")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile=True: print the summed phases and top functions")
     ap.add_argument("--env", nargs="*", default=[], metavar="K=V")
     args = ap.parse_args()
-    table = partition(args.rows)
+    table = partition(args.rows, args.keys)
     batches = table.to_batches(max_chunksize=args.batch_rows)
     f = R("function(d) d") if args.lang == "r" else (lambda d: d)
     gw = Gateway(log_path=None)
     env = dict(kv.split("=", 1) for kv in args.env)
-    spec = TaskSpec(pack(f), Runtime.collect(args.lang == "r"), table.schema, gw.address,
+    runtime = Runtime.collect(args.lang == "r")
+    root = str(runtime.materialize())
+    spec = TaskSpec(pack(f, None, {"profile": args.profile}), runtime.digest,
+                    table.schema, gw.address,
                     WorkerOptions(reuse=True, env=env))
-    times = []
+    times, child_cpu, own_cpu = [], [], []
+    child = None
     try:
         for i in range(args.tasks):
-            t0 = time.perf_counter()
-            rows = sum(b.num_rows for b in Worker(spec, 0, f"loop-{i}").run(iter(batches)))
+            before = sum(child.cpu_times()[:2]) if child else 0.0
+            t0, c0 = time.perf_counter(), time.process_time()
+            worker = Worker(spec, 0, f"loop-{i}", root=root)
+            rows = sum(b.num_rows for b in worker.run(iter(batches)))
             times.append(time.perf_counter() - t0)
+            own_cpu.append(time.process_time() - c0)
+            if child is None:
+                child = psutil.Process(worker.child.pid)
+            child_cpu.append(sum(child.cpu_times()[:2]) - before)
             assert rows == args.rows
+        if args.profile:          # the warm tasks only
+            print(summarize(tasks_from_events(gw.events())[1:]))
     finally:
         POOL.close_all()
         gw.stop()
     print(f"{args.lang} {args.rows:,} rows per task: " + " ".join(f"{t:.3f}" for t in times))
     print(f"median of the warm tasks {statistics.median(times[1:]):.3f} s "
           f"(first, with the child's start, {times[0]:.3f} s)")
+    # CPU seconds move far less than wall time on a loaded machine
+    print(f"median CPU of the warm tasks: child {statistics.median(child_cpu[1:]):.3f} s, "
+          f"Worker {statistics.median(own_cpu[1:]):.3f} s")
 
 
 if __name__ == "__main__":

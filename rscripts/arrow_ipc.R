@@ -7,7 +7,7 @@
 #
 # Public functions:
 #   arrow_read_stream(src, int64 = c("double", "character"), factors = FALSE,
-#                     on_batch = NULL)
+#                     on_batch = NULL, timing = NULL)
 #       src: a binary connection (read message by message; never reads past
 #       the end-of-stream marker), a raw vector, or a file path.
 #       Returns a base data.frame (check.names = FALSE, stringsAsFactors = FALSE).
@@ -15,6 +15,8 @@
 #       a data.frame as soon as it is decoded, nothing is accumulated, and the
 #       result is invisible(list(names, nrows, nbatches)); an error of on_batch
 #       is re-raised unchanged once the rest of the stream has been consumed.
+#       timing: NULL, or an environment whose `transfer` (seconds) grows by the
+#       time spent reading from src.
 #   arrow_skip_stream(src)
 #       Consumes a stream up to its end-of-stream marker without decoding it.
 #   arrow_write_stream(df, con = NULL, batch_rows = 1048576L)
@@ -460,7 +462,7 @@
 # ---------------------------------------------------------------------------
 # Byte sources
 
-.ai_source <- function(src) {
+.ai_source <- function(src, timing = NULL) {
   s <- new.env(parent = emptyenv())
   if (is.character(src)) {
     s$con <- file(src, "rb")
@@ -490,6 +492,14 @@
       got <- got + length(chunk)
     }
     do.call(c, chunks)
+  }
+  if (!is.null(timing)) {
+    untimed <- s$read
+    s$read <- function(n) {
+      t0 <- as.numeric(Sys.time())
+      on.exit(timing$transfer <- timing$transfer + as.numeric(Sys.time()) - t0)
+      untimed(n)
+    }
   }
   s$skip <- function(n, what) {
     while (n > 0) {
@@ -649,9 +659,12 @@
     values <- state$dicts[[as.character(d$id)]]
     if (is.null(values))
       .ai_col_error(name, sprintf("no dictionary with id %.0f was sent before the record batch", d$id))
-    if (any(!is.na(idx) & (idx < 0 | idx >= length(values))))
+    # one pass for the range (no logical vectors of n); the strings are made
+    # once per dictionary entry, the rows only point at them
+    r <- if (n) suppressWarnings(range(idx, na.rm = TRUE)) else c(0, 0)   # all NA: Inf, -Inf
+    if (is.finite(r[1L]) && (r[1L] < 0 || r[2L] >= length(values)))
       .ai_col_error(name, "dictionary index out of range")
-    return(values[idx + 1])
+    return(values[if (is.integer(idx)) idx + 1L else idx + 1])
   }
   switch(t$kind,
     Null = rep(NA, n),
@@ -924,11 +937,11 @@
 # invisible(list(names, nrows, nbatches)).  An error raised by on_batch is
 # re-raised as it is, after the rest of the stream has been consumed.
 arrow_read_stream <- function(src, int64 = c("double", "character"), factors = FALSE,
-                              on_batch = NULL) {
+                              on_batch = NULL, timing = NULL) {
   int64 <- match.arg(int64)
   opts <- list(int64 = int64, factors = isTRUE(factors))
   streaming <- is.function(on_batch)
-  s <- .ai_source(src)
+  s <- .ai_source(src, timing)
   if (s$close) on.exit(close(s$con))
   state <- new.env(parent = emptyenv())
   state$dicts <- list()
@@ -995,7 +1008,8 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
         key <- as.character(id)
         if (delta && !is.null(state$dicts[[key]])) vals <- c(state$dicts[[key]], vals)
         state$dicts[[key]] <- vals
-        for (jj in j) levels[[jj]] <- unique(c(levels[[jj]], vals[!is.na(vals)]))
+        if (opts$factors)                  # the factor levels: only wanted for factors
+          for (jj in j) levels[[jj]] <- unique(c(levels[[jj]], vals[!is.na(vals)]))
       } else {
         stop(.ai_codec_error(sprintf("unexpected Arrow message type %d inside a stream",
                                      msg$header_type)))
@@ -1076,7 +1090,11 @@ arrow_prepare_frame <- function(df) {
       list(kind = "int64", x = v)
     } else if (is.factor(x)) {
       levs <- enc2utf8(as.character(levels(x)))
-      list(kind = "utf8", x = levs[as.integer(x)])
+      codes <- as.vector(unclass(x))
+      attributes(codes) <- NULL
+      if (anyNA(levs) || sum(as.numeric(nchar(levs, type = "bytes"))) > .ai_max_offset)
+        list(kind = "utf8", x = levs[codes])
+      else list(kind = "dict", x = codes, dict = levs)
     } else if (inherits(x, "Date")) {
       list(kind = "date32", x = floor(as.numeric(unclass(x))))
     } else if (inherits(x, "POSIXct")) {
@@ -1095,7 +1113,7 @@ arrow_prepare_frame <- function(df) {
     } else if (is.double(x)) {
       list(kind = "float64", x = as.vector(x))
     } else if (is.character(x)) {
-      list(kind = "utf8", x = enc2utf8(as.vector(x)))
+      .ai_string_column(enc2utf8(as.vector(x)))
     } else if (is.list(x)) {
       isnull <- vapply(x, is.null, NA)
       ok <- isnull | vapply(x, is.raw, NA)
@@ -1115,6 +1133,34 @@ arrow_prepare_frame <- function(df) {
     cols[[j]] <- col
   }
   structure(list(cols = cols, nrow = nrow), class = "arrow_prepared_frame")
+}
+
+# Repeated strings are written dictionary-encoded: the reader (pyarrow in the
+# Worker) then gets each distinct string once.  The rule is the Worker's
+# (workerbridge/dictionary.py): the distinct count of the first
+# .ai_sample_rows values, scaled up by the birthday bound, at most
+# .ai_max_distinct_fraction of the rows.
+.ai_sample_rows <- 4096L
+.ai_max_distinct_fraction <- 0.5
+.ai_repeats <- function(x) {
+  n <- length(x)
+  if (n < 2L) return(FALSE)
+  s <- x[seq_len(min(n, .ai_sample_rows))]
+  if (anyNA(s)) s <- s[!is.na(s)]
+  m <- length(s)
+  d <- length(unique(s))
+  if (m - d <= 0) return(FALSE)
+  k <- if (d < m / 2) d else m * m / (2 * (m - d))
+  k <= .ai_max_distinct_fraction * n
+}
+# A character column (UTF-8) for the writer: list(kind = "dict", x = <codes,
+# 1-based>, dict = <distinct strings>) when it repeats, else kind "utf8".
+.ai_string_column <- function(x) {
+  if (!.ai_repeats(x)) return(list(kind = "utf8", x = x))
+  u <- unique(x)
+  if (anyNA(u)) u <- u[!is.na(u)]
+  if (sum(as.numeric(nchar(u, type = "bytes"))) > .ai_max_offset) return(list(kind = "utf8", x = x))
+  list(kind = "dict", x = match(x, u), dict = u)
 }
 
 # The UTF-8 bytes of x (no NA), concatenated.  writeBin is twice as fast as
@@ -1149,7 +1195,7 @@ arrow_prepare_frame <- function(df) {
     int32 = list(2L, .fbb_table(.fbb_field(0L, "i32", 32L), .fbb_field(1L, "bool", 1L))),
     int64 = list(2L, .fbb_table(.fbb_field(0L, "i32", 64L), .fbb_field(1L, "bool", 1L))),
     float64 = list(3L, .fbb_table(.fbb_field(0L, "i16", 2L))),
-    utf8 = list(5L, .fbb_table()),
+    utf8 = , dict = list(5L, .fbb_table()),
     binary = list(4L, .fbb_table()),
     date32 = list(8L, .fbb_table(.fbb_field(0L, "i16", 0L))),
     timestamp = list(10L, .fbb_table(.fbb_field(0L, "i16", 2L),
@@ -1168,13 +1214,20 @@ arrow_prepare_frame <- function(df) {
 }
 
 .ai_schema_message <- function(prep) {
-  fields <- lapply(prep$cols, function(col) {
+  fields <- lapply(seq_along(prep$cols), function(j) {
+    col <- prep$cols[[j]]
     tt <- .ai_type_table(col$kind, col$tz)
-    .fbb_table(.fbb_field(0L, "off", .fbb_string(col$name)),
-               .fbb_field(1L, "bool", 1L),
-               .fbb_field(2L, "u8", tt[[1L]]),
-               .fbb_field(3L, "off", tt[[2L]]),
-               .fbb_field(5L, "off", .fbb_tables(list())))
+    # a dictionary column: utf8 values, int32 indices, dictionary id j - 1
+    enc <- if (col$kind == "dict")
+      list(.fbb_field(4L, "off", .fbb_table(
+        .fbb_field(0L, "i64", j - 1L),
+        .fbb_field(1L, "off", .fbb_table(.fbb_field(0L, "i32", 32L), .fbb_field(1L, "bool", 1L))),
+        .fbb_field(2L, "bool", 0L))))
+    do.call(.fbb_table, c(list(.fbb_field(0L, "off", .fbb_string(col$name)),
+                               .fbb_field(1L, "bool", 1L),
+                               .fbb_field(2L, "u8", tt[[1L]]),
+                               .fbb_field(3L, "off", tt[[2L]])),
+                          enc, list(.fbb_field(5L, "off", .fbb_tables(list())))))
   })
   schema <- .fbb_table(.fbb_field(0L, "i16", 0L),
                        .fbb_field(1L, "off", .fbb_tables(fields)))
@@ -1183,6 +1236,28 @@ arrow_prepare_frame <- function(df) {
 
 # Encode rows `rows` (or all) of the prepared columns into one record batch message.
 .ai_batch_message <- function(prep, rows, n) {
+  p <- .ai_batch_parts(prep, rows, n)
+  list(meta = .ai_message(3L, p$rb, p$length), body = p$body)
+}
+
+# The dictionary batch messages of a prepared frame's dictionary columns
+# (each replaces the stream's dictionary of that id; ids as in the schema).
+.ai_dict_messages <- function(prep) {
+  out <- list()
+  for (j in seq_along(prep$cols)) {
+    col <- prep$cols[[j]]
+    if (col$kind != "dict") next
+    values <- list(cols = list(list(kind = "utf8", x = col$dict, name = col$name)))
+    p <- .ai_batch_parts(values, NULL, length(col$dict))
+    db <- .fbb_table(.fbb_field(0L, "i64", j - 1L), .fbb_field(1L, "off", p$rb),
+                     .fbb_field(2L, "bool", 0L))
+    out[[length(out) + 1L]] <- list(meta = .ai_message(2L, db, p$length), body = p$body)
+  }
+  out
+}
+
+# The RecordBatch table, body pieces and body length of rows `rows` (or all).
+.ai_batch_parts <- function(prep, rows, n) {
   pieces <- list()
   boffs <- numeric(0)
   blens <- numeric(0)
@@ -1213,6 +1288,7 @@ arrow_prepare_frame <- function(df) {
     switch(col$kind,
       bool = { if (nc) x[na] <- FALSE; add(.ai_bitmap(x)) },
       int32 = add(writeBin(x, raw(), size = 4L, endian = "little")),
+      dict = { if (nc) x[na] <- 1L; add(writeBin(x - 1L, raw(), size = 4L, endian = "little")) },
       int64 = add(.ai_int64_bytes(x)),
       float64 = add(writeBin(x, raw(), size = 8L, endian = "little")),
       date32 = { if (nc) x[na] <- 0; add(writeBin(as.integer(x), raw(), size = 4L, endian = "little")) },
@@ -1241,7 +1317,7 @@ arrow_prepare_frame <- function(df) {
                                        length(nlen))),
     .fbb_field(2L, "off", .fbb_structs(if (length(boffs)) struct_bytes(boffs, blens) else raw(0),
                                        length(boffs))))
-  list(meta = .ai_message(3L, rb, pos), body = pieces)
+  list(rb = rb, body = pieces, length = pos)
 }
 
 # Where the writer's bytes go: a connection, a function(bytes), or (con = NULL)
@@ -1259,6 +1335,7 @@ arrow_prepare_frame <- function(df) {
 }
 
 .ai_kind_names <- c(bool = "logical", int32 = "integer", float64 = "double", utf8 = "character",
+                    dict = "character",
                     date32 = "Date", timestamp = "POSIXct", binary = "list of raw vectors",
                     int64 = "int64")
 
@@ -1282,9 +1359,19 @@ arrow_prepare_frame <- function(df) {
     kind <- schema[[j]]$kind
     if (col$kind == kind) next
     n <- prep$nrow
+    if (col$kind %in% c("utf8", "dict") && kind %in% c("utf8", "dict")) {
+      # strings plain in one frame and dictionary-encoded in another
+      x <- if (col$kind == "dict") col$dict[col$x] else col$x
+      col <- if (kind == "utf8") list(kind = "utf8", x = x, name = col$name)
+             else { u <- unique(x); u <- u[!is.na(u)]
+                    list(kind = "dict", x = match(x, u), dict = u, name = col$name) }
+      prep$cols[[j]] <- col
+      next
+    }
     allna <- if (col$kind == "binary") all(col$isnull) else all(is.na(col$x))
     if (allna) {
-      col$x <- switch(kind, bool = rep(NA, n), int32 = rep(NA_integer_, n),
+      if (kind == "dict") col$dict <- character(0)
+      col$x <- switch(kind, bool = rep(NA, n), int32 = , dict = rep(NA_integer_, n),
                       utf8 = rep(NA_character_, n), binary = vector("list", n), rep(NA_real_, n))
       if (kind == "binary") col$isnull <- rep(TRUE, n)
     } else if (col$kind == "int32" && kind %in% c("float64", "int64")) {
@@ -1316,6 +1403,7 @@ arrow_prepare_frame <- function(df) {
 .ai_emit_batches <- function(prep, emit, batch_rows) {
   nrow <- prep$nrow
   batch_rows <- max(1L, as.integer(batch_rows))
+  for (m in .ai_dict_messages(prep)) .ai_emit_message(m, emit)
   one <- function(a, z) {
     whole <- a == 1 && z == nrow
     m <- tryCatch(.ai_batch_message(prep, if (whole) NULL else a:z, z - a + 1),

@@ -14,7 +14,8 @@
 #
 # CLOSURE: R source whose value is the function, or (options closure_format
 # "serialized") the R package's serialize()d closure, see wb_unserialize_closure.
-# TASK fields used: partition, closure_hash (an empty CLOSURE frame reuses the
+# TASK fields used: partition, r_lib and options$ship_r (shipped packages,
+# rscripts/shipped.R), closure_hash (an empty CLOSURE frame reuses the
 # closure received earlier under that hash), context, barrier, packages (top
 # level or in options), options: int64 ("double"|"character"), factors,
 # batch_rows, group_by (the closure runs per group; missing key columns are put
@@ -40,6 +41,7 @@ local({
   wb <- new.env(parent = baseenv())
   sys.source(file.path(here, "protocol.R"), envir = wb, keep.source = FALSE)
   sys.source(file.path(here, "arrow_ipc.R"), envir = wb, keep.source = FALSE)
+  sys.source(file.path(here, "shipped.R"), envir = wb, keep.source = FALSE)
   assign(".wb", wb, envir = globalenv())
 })
 
@@ -67,6 +69,7 @@ local({
   close(stdin_con)
   secret <- if (length(secret)) trimws(secret[1L]) else ""
   if (!nzchar(secret)) die("no secret on the first line of stdin", 2L)
+  wb_watch_parent()
 
   con <- tryCatch(
     socketConnection(host = host, port = port_num, blocking = TRUE, open = "r+b",
@@ -92,7 +95,7 @@ local({
     if (!is.null(welcome$protocol) && !identical(as.integer(welcome$protocol), WB_PROTOCOL_VERSION))
       stop(wb_protocol_error(sprintf("the worker speaks protocol %s, this child %d",
                                      format(welcome$protocol), WB_PROTOCOL_VERSION)))
-    log_msg("is connected to backend")
+    log_msg(wb_lifecycle("connected"))
     out$flush()
   }, error = function(e) {
     if (inherits(e, "wb_peer_closed"))
@@ -102,7 +105,12 @@ local({
   })
 
   # -- task loop -------------------------------------------------------------
+  # The byte-code JIT is off for the child's own code: it compiled the task's
+  # nested functions (and the JSON reader's) anew in every task, ~30 ms a
+  # warm task (Rprof).  The user's closure runs under the session's level.
+  wb_closure_jit <<- compiler::enableJIT(0L)
   cache <- new.env(parent = emptyenv())     # closure_hash -> function (warm reuse)
+  baseline <- wb_baseline()
   # WORKERBRIDGE_RPROF=<file>: an Rprof sampling profile of every task (bench/)
   prof <- Sys.getenv("WORKERBRIDGE_RPROF", "")
   dirty <- FALSE
@@ -121,7 +129,9 @@ local({
     if (fr$name != "TASK") die(sprintf("expected TASK or BYE, got %s", fr$name))
     tryCatch({
       if (nzchar(prof)) utils::Rprof(prof, interval = 0.002, append = TRUE)
-      wb_run_task(con, out, wb_decode_json_payload(fr$payload), logs, cache)
+      task <- wb_decode_json_payload(fr$payload)
+      wb_enter_job(baseline, task$job, cache)
+      wb_run_task(con, out, task, logs, cache)
       if (nzchar(prof)) utils::Rprof(NULL)
       out$flush()
       dirty <- TRUE
@@ -132,6 +142,56 @@ local({
   }
   try(close(con), silent = TRUE)
   quit(save = "no", status = 0L)
+}
+
+# What each new job finds in a warm child: the global environment empty (but
+# for .wb), the options, attached packages, working directory and environment
+# variables the child started with, and no closure of another job.  Loaded
+# (not attached) namespaces are kept: loading them again is what reuse saves.
+.wb$wb_baseline <- function() {
+  b <- new.env(parent = emptyenv())
+  b$options <- options()
+  b$search <- search()
+  b$wd <- getwd()
+  b$env <- Sys.getenv()
+  b$job <- NULL
+  b
+}
+
+.wb$wb_enter_job <- function(b, job, cache) {
+  if (identical(job, b$job)) return(invisible(NULL))
+  if (!is.null(b$job)) {
+    rm(list = setdiff(ls(globalenv(), all.names = TRUE), ".wb"), envir = globalenv())
+    for (p in setdiff(search(), b$search)) try(detach(p, character.only = TRUE), silent = TRUE)
+    added <- setdiff(names(options()), names(b$options))
+    try(options(c(b$options, stats::setNames(vector("list", length(added)), added))),
+        silent = TRUE)
+    try(setwd(b$wd), silent = TRUE)
+    Sys.unsetenv(setdiff(names(Sys.getenv()), names(b$env)))
+    if (length(b$env)) do.call(Sys.setenv, as.list(b$env))
+  }
+  rm(list = ls(cache, all.names = TRUE), envir = cache)
+  b$job <- job
+  invisible(NULL)
+}
+
+# R runs a closure on its one thread, so EOF on stdin (the Worker is gone)
+# is watched by a small shell started with pipe(): it inherits our stdin,
+# waits for its end, and then kills us, but only while we are still its
+# parent (so never a process that took our pid after we exited).  It is in
+# our session, so the Worker ends it with us.  Without a shell: no watch
+# (the parent-death signal and the socket's EOF still end us).
+.wb$wb_watch_parent <- function() {
+  if (.Platform$OS.type != "unix" || !nzchar(Sys.which("sh"))) return(invisible(NULL))
+  pid <- Sys.getpid()
+  cmd <- sprintf(paste0("cat >/dev/null; ",
+                        "pp=$(cut -d' ' -f4 /proc/$$/stat 2>/dev/null || ps -o ppid= -p $$); ",
+                        "[ \"$pp\" -eq %d ] 2>/dev/null && kill -KILL %d"), pid, pid)
+  # kept referenced in our own environment: a collected connection is closed,
+  # and closing it would wait for the shell
+  assign("wb_watch_con", tryCatch(pipe(cmd, open = "r"), error = function(e) NULL),
+         envir = parent.env(environment()))
+  invisible(NULL)
 }
 
 # LOG frames, which can be held back: while an Arrow stream is being written
@@ -315,11 +375,53 @@ local({
 
 # Run `expr` with the byte-code JIT off: the codec's functions then run
 # interpreted, which for one task costs less than compiling them (~0.5 s).
-# The user's closure still runs under the session's JIT setting.
+# The user's closure still runs under the session's JIT setting
+# (wb_with_closure_jit; wb_child_main turns the JIT off for everything else).
 .wb$wb_nojit <- function(expr) {
   old <- compiler::enableJIT(0L)
   on.exit(compiler::enableJIT(old))
   expr
+}
+.wb$wb_closure_jit <- 3L
+.wb$wb_with_closure_jit <- function(expr) {
+  old <- compiler::enableJIT(wb_closure_jit)
+  on.exit(compiler::enableJIT(old))
+  expr
+}
+
+# profile=True: the task's phases in seconds (transfer, decode, closure,
+# encode, send) and an Rprof sampling profile of the whole task, sent as one
+# "profile {json}" line before "finished" (format: workerbridge/phases.py).
+# When off, every verb is a no-op and the writer is passed through.
+.wb$wb_profiler <- function(on) {
+  st <- new.env(parent = emptyenv())
+  st$phases <- list(transfer = 0, decode = 0, closure = 0, encode = 0, send = 0)
+  st$transfer <- 0                       # added to by arrow_read_stream(timing = st)
+  now <- function() as.numeric(Sys.time())
+  add <- function(name, secs) if (on) st$phases[[name]] <- st$phases[[name]] + secs
+  file <- if (on) tempfile("wb-rprof-") else ""   # in R's private session directory
+  if (on) utils::Rprof(file, interval = 0.005)
+  stop_rprof <- function() if (on && nzchar(file)) { utils::Rprof(NULL); unlink(file); file <<- "" }
+  line <- function() {
+    utils::Rprof(NULL)
+    top <- tryCatch(utils::summaryRprof(file)$by.self, error = function(e) NULL)
+    stop_rprof()
+    fns <- list()
+    if (!is.null(top) && nrow(top)) {
+      top <- top[seq_len(min(nrow(top), 25L)), , drop = FALSE]
+      fns <- lapply(seq_len(nrow(top)), function(i)
+        list(gsub("\"", "", rownames(top)[i], fixed = TRUE), top$self.time[i], top$total.time[i]))
+    }
+    st$phases$transfer <- st$transfer
+    paste0("profile ", wb_json_encode(list(profiler = "Rprof", phases = lapply(st$phases, round, 6L),
+                                           functions = fns)))
+  }
+  list(on = on, now = now, add = add, timing = if (on) st else NULL,
+       send_time = function() st$phases$send,
+       writer = function(write) if (!on) write else function(bytes) {
+         t0 <- now(); write(bytes); add("send", now() - t0)
+       },
+       line = line, stop = stop_rprof)
 }
 
 # One task: TASK payload already read.  Frames are written to out$write (a
@@ -342,6 +444,8 @@ local({
   index_param <- if (is.character(opts$partition_index_param) &&
                      length(opts$partition_index_param) == 1L) opts$partition_index_param else NULL
   hash <- if (is.character(task$closure_hash) && length(task$closure_hash) == 1L) task$closure_hash else NULL
+  prof <- wb_profiler(isTRUE(opts$profile))
+  on.exit(prof$stop())
 
   src_raw <- wb_expect(con, "CLOSURE")
   serialized <- identical(opts$closure_format, "serialized")
@@ -350,6 +454,8 @@ local({
 
   send_error <- function(payload) wb_send_json(out$write, "ERROR", payload)
   failure <- NULL          # an ERROR payload to send once the input has been read
+  # shipped packages (TASK r_lib) in front of .libPaths(), those the node lacks
+  failure <- wb_use_shipped(task, log_msg)
 
   # packages, then the closure (its source may use package functions)
   for (p in as.character(packages)) {
@@ -434,18 +540,21 @@ local({
   }
   batch_mode <- identical(opts$batch_mode, "batch") && !length(group_by)
   df <- NULL
+  t_read <- prof$now()
   if (!batch_mode) {
     df <- tryCatch(withCallingHandlers(
-                     wb_nojit(arrow_read_stream(con, int64 = int64, factors = factors)),
+                     wb_nojit(arrow_read_stream(con, int64 = int64, factors = factors,
+                                                timing = prof$timing)),
                      warning = decode_warning),
                    arrow_codec_error = function(e) e)
     if (inherits(df, "arrow_codec_error")) {
       send_error(codec_failure(df))
       return(invisible(FALSE))
     }
+    if (prof$on) prof$add("decode", prof$now() - t_read - prof$timing$transfer)
     rows_in <- .row_names_info(df, 2L)
-    log_msg(sprintf("retrieved %d rows", rows_in))
-    log_msg(sprintf("retrieved %d column names", length(df)))
+    log_msg(wb_lifecycle("retrieved", rows = rows_in))
+    log_msg(wb_lifecycle("columns", columns = length(df)))
     # A large input means a closure that likely runs long: let the logs out now.
     # (Small tasks keep everything in one write at the end: no Nagle stall.)
     if (rows_in * max(1L, length(df)) >= 100000) out$flush()
@@ -496,7 +605,7 @@ local({
     # ---- batch mode: the closure per Arrow record batch, each result streamed
     # back at once; memory bounded by a batch.  Log lines wait while the
     # output stream is open (they would land inside it).
-    jit <- compiler::enableJIT(-1L)
+    jit <- wb_closure_jit
     st <- new.env(parent = emptyenv())
     st$rows_in <- 0
     st$rows_out <- 0
@@ -506,20 +615,23 @@ local({
     st$first_empty <- NULL      # an empty first result, written only if nothing else is
     stop_batches <- structure(class = c("wb_batch_failed", "error", "condition"),
                               list(message = "batch failed", call = NULL))
+    send <- prof$writer(out$write)
     writer <- arrow_stream_writer(function(bytes) {
       if (!st$output) {
-        wb_send_frame(out$write, "OUTPUT")
+        wb_send_frame(send, "OUTPUT")
         st$output <- TRUE
       }
-      out$write(bytes)
+      send(bytes)
     }, batch_rows = batch_rows)
     on_batch <- function(df) {
       st$batches <- st$batches + 1L
       st$rows_in <- st$rows_in + .row_names_info(df, 2L)
       old <- compiler::enableJIT(jit)        # the closure runs under the session's JIT
+      t0 <- prof$now()
       res <- tryCatch(withCallingHandlers(eval(call), warning = closure_warning,
                                           error = closure_error),
                       error = function(e) e)
+      prof$add("closure", prof$now() - t0)
       compiler::enableJIT(old)
       df <- NULL
       if (inherits(res, "error")) {
@@ -537,7 +649,10 @@ local({
         if (is.null(st$first_empty) && !writer$started()) st$first_empty <- prep
         return(invisible(NULL))
       }
+      t0 <- prof$now()
+      sent <- prof$send_time()
       err <- tryCatch({ writer$write(prep); NULL }, arrow_codec_error = function(e) e)
+      prof$add("encode", prof$now() - t0 - (prof$send_time() - sent))
       if (!is.null(err)) {
         st$failure <- result_failure(err)
         stop(stop_batches)
@@ -551,11 +666,13 @@ local({
     logs$hold()
     got <- tryCatch(withCallingHandlers(
                       wb_nojit(arrow_read_stream(con, int64 = int64, factors = factors,
-                                                 on_batch = on_batch)),
+                                                 on_batch = on_batch, timing = prof$timing)),
                       warning = decode_warning),
                     wb_batch_failed = function(e) e,
                     arrow_codec_error = function(e) e)
     if (inherits(got, "arrow_codec_error")) st$failure <- codec_failure(got)
+    if (prof$on)                   # what the reading took besides the batches' own work
+      prof$add("decode", prof$now() - t_read - prof$timing$transfer - sum(unlist(prof$timing$phases)))
     if (st$output) writer$close()              # end the stream before anything else
     logs$release()
     if (!is.null(st$failure)) {
@@ -569,11 +686,12 @@ local({
                                   row.names = integer(0)))
       writer$close()
     }
-    log_msg(sprintf("retrieved %.0f rows", st$rows_in))
-    log_msg(sprintf("retrieved %d column names", length(got$names)))
-    log_msg(sprintf("applied closure to %.0f rows in %d batches", st$rows_in, st$batches))
-    log_msg(sprintf("returned %.0f rows", st$rows_out))
-    log_msg("finished")
+    log_msg(wb_lifecycle("retrieved", rows = st$rows_in))
+    log_msg(wb_lifecycle("columns", columns = length(got$names)))
+    log_msg(wb_lifecycle("applied", rows = st$rows_in, detail = sprintf(" in %d batches", st$batches)))
+    log_msg(wb_lifecycle("returned", rows = st$rows_out))
+    if (prof$on) log_msg(prof$line())
+    log_msg(wb_lifecycle("finished"))
     wb_send_json(out$write, "DONE", list(rows_in = st$rows_in, rows_out = st$rows_out))
     return(invisible(TRUE))
   }
@@ -587,20 +705,23 @@ local({
       df <- if (is.null(rows)) whole
             else structure(lapply(whole, function(x) x[rows]), names = names(whole),
                            class = "data.frame", row.names = .set_row_names(length(rows)))
-      res[u] <- list(eval(call))
+      res[u] <- list(wb_with_closure_jit(eval(call)))
     }
     res
   }
+  t0 <- prof$now()
   result <- tryCatch(
     withCallingHandlers(run_units(df), warning = closure_warning, error = closure_error),
     error = function(e) e)
+  prof$add("closure", prof$now() - t0)
   if (inherits(result, "error")) {
     send_error(closure_failure(result))
     return(invisible(FALSE))
   }
-  log_msg(if (length(group_by)) sprintf("applied closure to %d rows in %d groups", rows_in, length(units))
-          else sprintf("applied closure to %d rows", rows_in))
+  log_msg(wb_lifecycle("applied", rows = rows_in,
+                       detail = if (length(group_by)) sprintf(" in %d groups", length(units)) else ""))
 
+  t0 <- prof$now()
   prep <- tryCatch({
     frames <- lapply(result, wb_as_frame)
     if (length(group_by)) {
@@ -621,10 +742,12 @@ local({
     return(invisible(FALSE))
   }
   rows_out <- prep$nrow
-  log_msg(sprintf("returned %d rows", rows_out))
+  log_msg(wb_lifecycle("returned", rows = rows_out))
   wb_send_frame(out$write, "OUTPUT")
-  wb_nojit(arrow_write_stream(prep, out$write, batch_rows = batch_rows))
-  log_msg("finished")
+  wb_nojit(arrow_write_stream(prep, prof$writer(out$write), batch_rows = batch_rows))
+  prof$add("encode", prof$now() - t0 - prof$send_time())
+  if (prof$on) log_msg(prof$line())
+  log_msg(wb_lifecycle("finished"))
   wb_send_json(out$write, "DONE", list(rows_in = rows_in, rows_out = rows_out))
   invisible(TRUE)
 }
@@ -632,8 +755,8 @@ local({
 # Give the child's functions the child environment as their home.
 local({
   for (nm in c("wb_child_main", "wb_log_channel", "wb_error_payload", "wb_deparse_call", "wb_as_frame", "wb_run_task",
-               "wb_nojit", "wb_traceback", "wb_split_groups", "wb_with_keys", "wb_rbind", "wb_tag",
-               "wb_unserialize_closure"))
+               "wb_nojit", "wb_with_closure_jit", "wb_profiler", "wb_traceback", "wb_split_groups", "wb_with_keys", "wb_rbind", "wb_tag",
+               "wb_watch_parent", "wb_baseline", "wb_enter_job", "wb_unserialize_closure"))
     environment(.wb[[nm]]) <- .wb
 })
 

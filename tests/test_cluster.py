@@ -253,7 +253,7 @@ import json, sys, time, traceback
 cfg = json.loads(sys.argv[1])
 from pyspark.sql import SparkSession
 from workerbridge import R, spark_apply, spark_log
-from workerbridge.logs import parse_line
+from workerbridge.wire.logline import parse_line
 
 b = SparkSession.builder.appName(cfg.get("app", "workerbridge-client"))
 b = b.remote(cfg["remote"]) if cfg.get("remote") else b.master(cfg["master"])
@@ -309,7 +309,7 @@ if cfg.get("extras"):
     import pandas as pd
     import pyarrow as pa
     from pyspark.sql.types import LongType, StructField, StructType
-    from workerbridge.api import log_path
+    from workerbridge.driver.api import log_path
     extras = out["extras"] = {"tempdir": tempfile.gettempdir()}
 
     def attempt(key, fn):
@@ -344,7 +344,7 @@ if cfg.get("unreachable_gateway"):
     # The Gateway closes its socket but stays the session's Gateway (private parts,
     # on purpose: there is no public way to make a live Gateway unreachable).
     import socket
-    from workerbridge.api import _gateway
+    from workerbridge.driver.session import session_gateway as _gateway
     gw = _gateway(spark)
     gw._server.shutdown(socket.SHUT_RDWR)    # wakes the blocked accept(); close() alone
     gw._server.close()                       # leaves it to take one more connection

@@ -26,7 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from workerbridge import protocol
+from workerbridge.wire import protocol
+from workerbridge.task.dictionary import repeats_enough
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RDIR = os.path.join(ROOT, "rscripts")
@@ -96,7 +97,20 @@ r_frames <- function() {
   split <- data.frame(i = 1:10, s = sprintf("%040d", 1:10), stringsAsFactors = FALSE)
   split$bin <- lapply(1:10, function(k) as.raw(rep(k, 30)))
   split$s[4] <- NA
+  # repeated strings and factors (dictionaries), next to distinct strings;
+  # rep_b: other factor levels, the repeated and the distinct column swapped
+  set.seed(7)
+  keys <- c("k\u00e9", "", "b", "tab\there", "\U0001F600")
+  rep_a <- data.frame(rs = sample(keys, 20000, TRUE), us = sprintf("u%06d", 1:20000),
+                      f = factor(sample(c("x", "y"), 20000, TRUE), levels = c("y", "x", "unused")),
+                      allna = NA_character_, stringsAsFactors = FALSE)
+  rep_a$rs[c(1, 500, 19999)] <- NA
+  rep_a$f[2] <- NA
+  rep_b <- data.frame(rs = sprintf("v%d", 1:3000), us = rep(c("p", "q"), 1500),
+                      f = factor(rep(c("new", NA), 1500)), allna = rep(c("z", NA), 1500),
+                      stringsAsFactors = FALSE)
   list(types = types, types0 = types[0, ], nocols = data.frame(row.names = 1:7),
+       rep_a = rep_a, rep_b = rep_b,
        empty = data.frame(), big = big, dup = dup, split = split,
        toolong = data.frame(s = strrep("x", 150), stringsAsFactors = FALSE))
 }
@@ -141,6 +155,14 @@ for (job in jobs) {
       info <- info_of(df, character(0))
       info$self_identical <- identical(back, df)
       info
+    } else if (mode == "rstream") {           # several frames through one stream writer
+      if (is.null(frames)) frames <- r_frames()
+      con <- file(job$out, "wb")
+      w <- arrow_stream_writer(con)
+      for (nm in unlist(job$frames)) w$write(frames[[nm]])
+      w$close()
+      close(con)
+      list(ok = TRUE)
     } else if (mode == "badwrite") {
       df <- switch(job$what,
                    complex = data.frame(ok = 1:2, cplx = c(1i, 2i)),
@@ -284,6 +306,16 @@ def expected_roundtrip(table: pa.Table, int64: str = "double") -> dict[str, pa.A
 
 
 def assert_same_array(got: pa.Array, exp: pa.Array, name: str):
+    if pa.types.is_string(exp.type):
+        # R writes a string column dictionary-encoded exactly when it repeats
+        # by the rule the Worker uses (pyarrow's distinct count as the oracle)
+        want_dict = repeats_enough(exp)
+        assert pa.types.is_dictionary(got.type) == want_dict, f"{name}: {got.type}, rule {want_dict}"
+        if want_dict:
+            assert got.type == pa.dictionary(pa.int32(), pa.string()), f"{name}: {got.type}"
+            assert got.dictionary.null_count == 0
+            assert len(got.dictionary) == len(pc.unique(got.dictionary)), f"{name}: repeated entries"
+            got = got.dictionary_decode()
     assert got.type == exp.type, f"{name}: type {got.type} != {exp.type}"
     assert len(got) == len(exp), f"{name}: length"
     assert got.is_null().equals(exp.is_null()), f"{name}: null mask differs"
@@ -508,6 +540,11 @@ def test_r_writes(tmp_path):
         assert "error" not in info, (f, info)
     t = read_stream(tmp_path / "types.arrow")
     assert t.schema.names == ["i", "d", "s", "b", "f", "dt", "ts", "ts_notz", "bin", "asis"]
+    # the factor travels as a dictionary of its levels (in order, unused ones too)
+    assert t.schema.field("f").type == pa.dictionary(pa.int32(), pa.string())
+    assert t.column("f").chunk(0).dictionary.to_pylist() == ["lo", "hi", "ü"]
+    written = t.schema
+    t = t.set_column(4, "f", t.column("f").cast(pa.string()))
     assert t.schema.types == [pa.int32(), pa.float64(), pa.string(), pa.bool_(), pa.string(), pa.date32(),
                               pa.timestamp("us", "Asia/Tokyo"), pa.timestamp("us", "UTC"), pa.binary(),
                               pa.int32()]
@@ -528,7 +565,7 @@ def test_r_writes(tmp_path):
     assert t.column("bin").to_pylist() == [b"\x00\x01\xff", None, b"", b"abc", b"\x00", None, b"\x07"]
     assert infos["types"]["self_identical"] is False     # factor -> character, I() dropped
     t0 = read_stream(tmp_path / "types0.arrow")
-    assert t0.num_rows == 0 and t0.schema == t.schema
+    assert t0.num_rows == 0 and t0.schema == written
     nc = read_stream(tmp_path / "nocols.arrow")
     assert nc.num_columns == 0 and nc.num_rows == 7
     em = read_stream(tmp_path / "empty.arrow")
@@ -549,6 +586,74 @@ def test_r_writes(tmp_path):
     assert dup.column(2).to_pylist() == [True, None]
     assert dup.column(0).to_pylist() == [1, 2]
     assert dup.column(1).to_pylist() == ["x", "y"]
+
+
+def test_dictionaries_both_ways(tmp_path):
+    """Dictionaries: pyarrow -> R with a new dictionary in every batch (as the
+    Worker sends repeated strings), indices of 8, 16 and 64 bits, nulls in the
+    indices and an empty dictionary; R -> pyarrow for factors and repeated
+    strings, across frames whose columns switch between plain and dictionary."""
+    rng = np.random.default_rng(3)
+    batches, plain = [], []
+    for b, k in enumerate((3, 1, 50, 0)):
+        n = 1000 + b
+        words = [f"w{b}-{i}é" for i in range(k)]
+        idx = rng.integers(0, max(k, 1), n)
+        valid = rng.random(n) > 0.1 if k else np.zeros(n, bool)
+        vals = [words[i] if ok else None for i, ok in zip(idx, valid)]
+        plain.append(pa.array(vals, pa.string()))
+        col = pa.array(vals, pa.string()).dictionary_encode()
+        batches.append(pa.record_batch([col, pc.cast(col, pa.dictionary(pa.int8(), pa.string())),
+                                        pc.cast(col, pa.dictionary(pa.int16(), pa.string())),
+                                        pc.cast(col, pa.dictionary(pa.int64(), pa.string()))],
+                                       names=["d32", "d8", "d16", "d64"]))
+    src = tmp_path / "replaced.arrow"
+    write_stream(src, batches, batches[0].schema)
+    out = tmp_path / "replaced-out.arrow"
+    bad = []                       # indices past either end of the dictionary: codec errors
+    for i, (idx, itype) in enumerate((([0, 5, None], pa.int32()), ([-1, 0], pa.int8()))):
+        col = pa.DictionaryArray.from_arrays(pa.array(idx, itype), pa.array(["a"]), safe=False)
+        bad.append(tmp_path / f"bad-index-{i}.arrow")
+        write_stream(bad[-1], [pa.record_batch([col], names=["c"])], pa.schema([("c", col.type)]))
+    jobs = [{"mode": "values", "in": str(src), "info": str(tmp_path / "rv.json")},
+            {"mode": "roundtrip", "in": str(src), "out": str(out), "info": str(tmp_path / "rr.json")},
+            {"mode": "rstream", "frames": ["rep_a", "rep_b", "rep_a"], "out": str(tmp_path / "rs.arrow"),
+             "info": str(tmp_path / "rs.json")}]
+    bad_jobs = [{"mode": "values", "in": str(p), "info": str(p) + ".json"} for p in bad]
+    run_driver(tmp_path, jobs + bad_jobs)
+    rv, rr, rs = (load_info(j) for j in jobs)
+    for job in bad_jobs:
+        info = load_info(job)
+        assert "dictionary index out of range" in info["error"] and info["column"] == "c", info
+    want = pa.chunked_array(plain).to_pylist()
+    assert "error" not in rv, rv
+    for name in ("d32", "d8", "d16", "d64"):
+        assert rv["values"][name]["values"] == want, name
+        assert rv["classes"][rv["names"].index(name)] == "character"
+    back = read_stream(out)
+    for name in back.column_names:
+        assert_same_array(back.column(name).combine_chunks(), pa.array(want, pa.string()), name)
+    assert "error" not in rs, rs
+    with pa.OSFile(str(tmp_path / "rs.arrow"), "rb") as f:
+        reader = pa.ipc.open_stream(f)
+        got = reader.read_all()
+    # the first frame fixes the column types: rs and f dictionaries, us plain
+    # (20,000 distinct), allna plain (no value to repeat)
+    assert got.schema.types == [pa.dictionary(pa.int32(), pa.string()), pa.string(),
+                                pa.dictionary(pa.int32(), pa.string()), pa.string()]
+    n_a, n_b = 20000, 3000
+    rs_col = got.column("rs").cast(pa.string()).to_pylist()
+    assert rs_col[:n_a].count(None) == 3 and rs_col[0] is None and rs_col[499] is None
+    assert set(rs_col[:n_a]) - {None} <= {"ké", "", "b", "tab\there", "😀"}
+    assert rs_col[n_a:n_a + n_b] == [f"v{i}" for i in range(1, n_b + 1)]
+    assert rs_col[n_a + n_b:] == rs_col[:n_a]
+    us = got.column("us").to_pylist()
+    assert us[:n_a] == [f"u{i:06d}" for i in range(1, n_a + 1)]
+    assert us[n_a:n_a + n_b] == ["p", "q"] * 1500
+    f = got.column("f").cast(pa.string()).to_pylist()
+    assert f[1] is None and set(f[:n_a]) - {None} == {"x", "y"}
+    assert f[n_a:n_a + n_b] == ["new", None] * 1500 and f[n_a + n_b:] == f[:n_a]
+    assert got.column("allna").to_pylist() == [None] * n_a + ["z", None] * 1500 + [None] * n_a
 
 
 # ---------------------------------------------------------------------------

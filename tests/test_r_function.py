@@ -13,12 +13,13 @@ import subprocess
 import pyarrow as pa
 import pytest
 
-from workerbridge.closure import RFunction, pack
-from workerbridge.errors import BadInputError, ClosureError
-from workerbridge.gateway import Gateway
-from workerbridge.pool import POOL
-from workerbridge.runtime import Runtime
-from workerbridge.worker import TaskSpec, Worker, WorkerOptions
+from wbtest import ROOT, RUNTIME
+from workerbridge.driver.closure import RFunction, pack
+from workerbridge.driver.gateway import Gateway
+from workerbridge.task.pool import POOL
+from workerbridge.task.spec import TaskSpec, WorkerOptions
+from workerbridge.task.worker import Worker
+from workerbridge.wire.errors import BadInputError, ClosureError
 
 from test_r_codec import RSCRIPT
 
@@ -46,10 +47,10 @@ def r_serialize(tmp_path, code: str) -> bytes:
 
 
 def run(payload: bytes, gw: Gateway, task: str, rows=(1.0, 2.0, 3.0)) -> pa.Table:
-    spec = TaskSpec(pack(RFunction(payload)), Runtime.collect(True), None, gw.address,
+    spec = TaskSpec(pack(RFunction(payload)), RUNTIME.digest, None, gw.address,
                     WorkerOptions(reuse=True))
     batch = pa.record_batch({"x": pa.array(rows)})
-    return pa.Table.from_batches(list(Worker(spec, 0, task).run(iter([batch]))))
+    return pa.Table.from_batches(list(Worker(spec, 0, task, root=ROOT).run(iter([batch]))))
 
 
 def test_serialized_closure_runs_with_its_values_helpers_and_context(tmp_path):

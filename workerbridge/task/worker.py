@@ -14,59 +14,47 @@ The same code runs on the driver for schema inference (no output schema).
 
 from __future__ import annotations
 
-import hmac
 import io
 import itertools
 import json
 import os
+import re
 import secrets
-import select
+import selectors
 import shutil
 import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import pyarrow as pa
 
-from . import protocol as P
-from .closure import R_LANG, Closure
-from .errors import ChildDiedError, ClosureError, LimitError, TaskError, TransportError
-from .logs import GatewayAddress, LogSink
+from ..wire import protocol as P
+from ..wire.errors import R_INSTALL_HINT, ChildDiedError, ClosureError, LimitError, TaskError, TransportError
+from ..wire.lifecycle import language_of, line
+from ..wire.logline import level_of
+from .artifacts import PYTHON_ENV, R_PACKAGES, ShipError, describe, env_python, finish_env, unpack
+from .backend import accept_child, new_selector
+from . import dictionary
+from .conform import conform
+from .logsink import LogSink
 from .pool import POOL, Warm
-from .runtime import Runtime
+from .spec import R_LANG, TaskSpec
 from .supervise import Child, exit_name, format_bytes, tree_rss
 
 POLL_S = 0.2
+CHILD_MODULE = "workerbridge.child.python"   # run with -m; tests match it in a cmdline
 COALESCE_ROWS = 100_000        # input rows joined into one batch for the child
 COALESCE_BYTES = 16 * 2**20    # ... or bytes, whichever comes first
-
-
-@dataclass(frozen=True)
-class WorkerOptions:
-    python: Optional[str] = None         # the task's own interpreter when None
-    rscript: str = "Rscript"
-    connect_timeout: float = 60.0        # spawn → authenticated connection
-    auth_timeout: float = 10.0           # accepted connection → secret
-    timeout: Optional[float] = None      # the whole task, once the child is started
-    memory_limit: Optional[int] = None   # bytes of RSS, the child's whole process tree
-    env: dict = field(default_factory=dict, hash=False)
-    reuse: bool = False                  # keep the child warm for the next task
-    idle_timeout: float = 60.0           # seconds a warm child may wait for one
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """Everything a task needs; pickled once on the driver into the Spark closure."""
-
-    closure: Closure
-    runtime: Runtime
-    out_schema: Optional[pa.Schema] = None
-    gateway: Optional[GatewayAddress] = None
-    options: WorkerOptions = WorkerOptions()
-    name: Optional[str] = None
+LOG_FRAME_KEEP = 1 << 20       # a LOG frame above this is read as its head only
+# The Python child is started with -c, not -m: this drops the working
+# directory from the front of sys.path (what -P does, for any Python 3).
+PY_CHILD_MAIN = ("import runpy, sys\n"
+                 "if sys.path[:1] == ['']: del sys.path[0]\n"
+                 "runpy.run_module('" + CHILD_MODULE + "', run_name='__main__', "
+                 "alter_sys=True)\n")
 
 
 R_MIN_VSIZE = 256 * 2**20       # R's vector heap before its first collection
@@ -89,6 +77,14 @@ class _Gone(Exception):
     """Raised inside a read: the child exited."""
 
 
+class _Upstream(Exception):
+    """Raised inside a read: the writer thread's input iterator failed (``error``)."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error = error
+
+
 class _Breach(Exception):
     """Raised inside a read: a limit was breached (``limit``, ``observed``)."""
 
@@ -104,13 +100,20 @@ class _ChildReader(io.RawIOBase):
     def __init__(self, sock: socket.socket, watch):
         self.sock, self.watch = sock, watch
         self._watched = time.monotonic()
+        self._selector = new_selector()
+        self._selector.register(sock, selectors.EVENT_READ)
 
     def readable(self) -> bool:
         return True
 
+    def close(self) -> None:
+        if not self.closed:
+            self._selector.close()
+        super().close()
+
     def readinto(self, buf) -> int:
         while True:
-            ready, _, _ = select.select([self.sock], [], [], POLL_S)
+            ready = self._selector.select(POLL_S)
             now = time.monotonic()
             if ready:
                 # Data first: what a child said before it died still counts.
@@ -127,8 +130,9 @@ class Worker:
     """One partition task: ``Worker(spec, partition, task_id).run(batches)``."""
 
     def __init__(self, spec: TaskSpec, partition: object, task_id: object,
-                 extra: Optional[dict] = None):
+                 extra: Optional[dict] = None, *, root: str):
         self.spec = spec
+        self.root = Path(root)           # the shipped runtime, laid out by the caller
         self.extra = dict(extra or {})
         self.closure = spec.closure
         self.partition = partition
@@ -139,6 +143,7 @@ class Worker:
         self.child: Optional[Child] = None
         self.stats: dict = {}
         self._writer_error: Optional[BaseException] = None
+        self.shipped: dict = {}              # artifact kind -> its unpacked directory
 
     # ---- the task -----------------------------------------------------------------
     def run(self, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -146,13 +151,13 @@ class Worker:
             it = iter(batches)
             first = next((b for b in it if b.num_rows > 0), None)
             if first is None:
-                self.log.write("Worker", f"partition {self.partition} is empty; no child started")
+                self.log.write("Worker", line("empty", partition=self.partition))
                 return
             label = f" for {self.spec.name!r}" if self.spec.name else ""
-            self.log.write("Worker", f"partition {self.partition} compute starting{label}")
+            self.log.write("Worker", line("start", partition=self.partition, label=label))
             yield from self._run(first, it)
         except TaskError as e:
-            self.log.write("Worker", f"partition {self.partition} failed: {e.what}", "ERROR")
+            self.log.write("Worker", line("failed", partition=self.partition, what=e.what), "ERROR")
             raise
         finally:
             self.log.flush()
@@ -161,8 +166,9 @@ class Worker:
         opts = self.spec.options
         self._started = time.monotonic()
         self._deadline = self._started + opts.timeout if opts.timeout else None
+        self._unpack_shipped()
         argv, env = self._command()
-        key = (tuple(argv), tuple(sorted(opts.env.items())), self.spec.runtime.digest)
+        key = (tuple(argv), tuple(sorted(opts.env.items())), self.spec.runtime_digest)
         warm: Optional[Warm] = None
         writer: Optional[threading.Thread] = None
         kept = False
@@ -170,43 +176,46 @@ class Worker:
             warm = POOL.take(key) if opts.reuse else None
             if warm is not None:
                 self.child = warm.child
-                self.log.write("Worker", f"reused {self.role} (pid {warm.child.pid}) "
-                                         f"after {warm.tasks} tasks")
+                self.log.write("Worker", line("reused", role=self.role, pid=warm.child.pid,
+                                                tasks=warm.tasks))
             else:
                 warm = self._start(argv, env)
             warm.reader.watch = lambda data_ready: self._watch(self._deadline, "timeout", data_ready)
             P.send_json(warm.conn, P.TASK, self._task_json())
-            # A warm child that has this closure already gets an empty CLOSURE frame.
-            P.send_frame(warm.conn, P.CLOSURE,
-                         b"" if warm.digest == self.closure.digest else self.closure.code)
+            # A warm child that has this closure of this job already gets an empty CLOSURE frame.
+            same = warm.digest == self.closure.digest and warm.job == self.spec.job
+            P.send_frame(warm.conn, P.CLOSURE, b"" if same else self.closure.code)
             P.send_frame(warm.conn, P.INPUT)
             writer = threading.Thread(target=self._write_input, args=(warm.conn, first, rest),
                                       name="workerbridge-input", daemon=True)
             writer.start()
             yield from self._read_result(warm.stream)
+            self._check_counts(writer)
             if opts.memory_limit:                 # one last sample: short tasks never wait
                 self.stats["peak_rss"] = max(self.stats.get("peak_rss", 0), tree_rss(self.child.pid))
             writer.join(5.0)
-            warm.digest, warm.tasks = self.closure.digest, warm.tasks + 1
-            self.log.write("Worker", f"{self.language} process completed")
+            warm.digest, warm.job, warm.tasks = self.closure.digest, self.spec.job, warm.tasks + 1
+            self.log.write("Worker", line("completed", language=self.language))
             if "peak_rss" in self.stats:
                 self.log.write("Worker", f"peak RSS of the {self.role} process tree "
                                          f"{format_bytes(self.stats['peak_rss'])}")
             if opts.reuse and not writer.is_alive():
                 POOL.give(key, warm, opts.idle_timeout)
                 kept = True
-                self.log.write("Worker", f"kept {self.role} (pid {warm.child.pid}) warm for reuse")
+                self.log.write("Worker", line("kept", role=self.role, pid=warm.child.pid))
             else:
                 P.send_frame(warm.conn, P.BYE)
                 self.child.close_stdin()
                 self.child.wait(1.0)
-        except TaskError:
-            raise
         except GeneratorExit:
             raise
         except _Breach as e:
             raise self._limit_error(e) from None
         except BaseException as e:                    # classify what broke
+            if self._writer_error is not None:        # what the child met came from upstream
+                raise self._upstream_error(self._writer_error) from self._writer_error
+            if isinstance(e, TaskError):
+                raise
             raise self._classify(e) from e
         finally:
             if not kept:
@@ -224,24 +233,38 @@ class Worker:
     # ---- steps ------------------------------------------------------------------------
     def _start(self, argv: list, env: dict) -> Warm:
         """A new child, connected and authenticated."""
-        listener = socket.create_server(("127.0.0.1", 0), backlog=4)
+        listener = socket.create_server(("127.0.0.1", 0), backlog=16)
         try:
             secret = secrets.token_hex(P.SECRET_BYTES)
             port = listener.getsockname()[1]
             env = dict(env, **{P.ENV_PORT: str(port), P.ENV_HOST: "127.0.0.1"})
             self.child = Child(argv, env, secret)
-            self.log.write("Worker", f"started {self.role} (pid {self.child.pid})")
-            self.log.write("Worker", f"is waiting for {self.role} to connect to port {port}")
+            self.log.write("Worker", line("started", role=self.role, pid=self.child.pid))
+            self.log.write("Worker", line("waiting", role=self.role, port=port))
             conn, stream = self._accept(listener, secret,
                                         self._started + self.spec.options.connect_timeout)
             return Warm(self.child, conn, stream, stream.raw)
         finally:
             listener.close()                      # a second connection is refused
 
+    def _unpack_shipped(self) -> None:
+        """Each shipped archive unpacked on this host (once per digest, under a lock)."""
+        for art in self.spec.ship:
+            try:
+                got = unpack(art, after=finish_env if art.kind == PYTHON_ENV else None)
+            except (ShipError, OSError) as e:
+                raise TaskError(
+                    f"cannot use the shipped {art.label or art.name}: {e}",
+                    partition=self.partition, language=self.language, role=self.role,
+                    hint="the archive travels with Spark's addFile; see the executor's log, "
+                         "or pass ship=False and install the packages on every node") from None
+            self.shipped[art.kind] = got.path
+            self.log.write("Worker", describe(art, got))
+
     def _command(self) -> tuple[list, dict]:
         """The child's argv and environment (without the port)."""
         opts = self.spec.options
-        root = self.spec.runtime.materialize()
+        root = self.root
         env = dict(os.environ)
         env.update({str(k): str(v) for k, v in opts.env.items()})
         if self.closure.language == R_LANG:
@@ -250,88 +273,119 @@ class Worker:
                 raise ChildDiedError(
                     f"Rscript not found as {opts.rscript!r}", exit_code=None, stderr_tail="",
                     partition=self.partition, language=self.language, role=self.role,
-                    hint="install R on every node (Debian: apt-get install r-base-core), "
+                    hint=f"{R_INSTALL_HINT} on every node, "
                          "or pass rscript='/path/to/Rscript' or set spark.workerbridge.rscript")
             heap = [] if self.closure.options.get("batch_mode") == "batch" \
                 or "R_VSIZE" in env else r_heap_args(opts.memory_limit)
             return [exe, "--vanilla", *heap, str(root / "rscripts" / "child.R")], env
-        exe = opts.python or sys.executable
+        exe = env_python(self.shipped[PYTHON_ENV]) if PYTHON_ENV in self.shipped \
+            else opts.python or sys.executable
         if shutil.which(exe) is None:
             raise ChildDiedError(
                 f"Python interpreter not found: {exe!r}", exit_code=None, stderr_tail="",
                 partition=self.partition, language=self.language, role=self.role,
                 hint="pass python= an interpreter that exists on every node and has "
                      "pyarrow, pandas and cloudpickle")
-        env["PYTHONPATH"] = str(root)
+        # The runtime first (it holds only the workerbridge package), then the
+        # user's own PYTHONPATH (env= or the executor's), kept.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
         env.pop("PYTHONSTARTUP", None)
-        return [exe, "-m", "workerbridge.child_python"], env
+        return [exe, "-c", PY_CHILD_MAIN], env
 
     def _accept(self, listener: socket.socket, secret: str, deadline: float):
-        """The first connection that proves the secret; strangers are refused."""
-        want = secret.encode("ascii")
-        while True:
-            ready, _, _ = select.select([listener], [], [], POLL_S)
-            if not ready:
-                if self.child.poll() is not None:
-                    raise self._died(f"the {self.role} child exited before connecting")
-                if time.monotonic() > deadline:
-                    raise LimitError(
-                        f"{self.role} did not connect within {self.spec.options.connect_timeout:g} s",
-                        exit_code=self.child.poll(), stderr_tail=self.child.stderr_tail(),
-                        partition=self.partition, language=self.language, role=self.role,
-                        hint="the child may be stuck starting up; see its stderr above")
-                continue
-            conn, _ = listener.accept()
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            auth_deadline = min(deadline, time.monotonic() + self.spec.options.auth_timeout)
-            reader = _ChildReader(conn, lambda data_ready: self._watch(auth_deadline, "auth",
-                                                                       data_ready))
-            stream = io.BufferedReader(reader, buffer_size=1 << 20)
-            try:
-                got = P.expect(stream, P.AUTH, P.MAX_AUTH_BYTES)
-                ok = hmac.compare_digest(got, want)
-            except (_Breach, P.ProtocolError, OSError):
-                ok = False
-            except _Gone:
-                conn.close()
-                raise self._died(f"the {self.role} child exited before authenticating") from None
-            if not ok:
+        """The first connection that proves the secret; strangers are refused
+        (``backend.accept_child``: concurrent, a total deadline each, capped)."""
+        refused = []
+
+        def idle() -> None:
+            if self.child.poll() is not None:
+                raise self._died(f"the {self.role} child exited before connecting")
+            if time.monotonic() > deadline:
+                raise LimitError(
+                    f"{self.role} did not connect within {self.spec.options.connect_timeout:g} s",
+                    exit_code=self.child.poll(), stderr_tail=self.child.stderr_tail(),
+                    partition=self.partition, language=self.language, role=self.role,
+                    hint="the child may be stuck starting up; see its stderr above")
+
+        def refuse() -> None:
+            refused.append(1)
+            if len(refused) == 1:
                 self.log.write("Worker", "refused a backend connection without the task's secret",
                                "WARN")
-                conn.close()
-                continue
+
+        conn = accept_child(listener, secret.encode("ascii"), self.spec.options.auth_timeout,
+                            POLL_S, idle, refuse)
+        if len(refused) > 1:
+            self.log.write("Worker", f"refused {len(refused)} backend connections in all", "WARN")
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return self._hello(conn, min(deadline, time.monotonic() + self.spec.options.auth_timeout))
+
+    def _hello(self, conn: socket.socket, deadline: float):
+        """HELLO from the authenticated child (by ``deadline``), then WELCOME."""
+        reader = _ChildReader(conn, lambda data_ready: self._watch(deadline, "auth", data_ready))
+        stream = io.BufferedReader(reader, buffer_size=1 << 20)
+        try:
             hello = P.decode_json(P.expect(stream, P.HELLO, P.MAX_AUTH_BYTES))
-            if hello.get("protocol") != P.PROTOCOL_VERSION:
-                conn.close()
-                raise TransportError(
-                    f"{self.role} speaks protocol {hello.get('protocol')}, this Worker "
-                    f"{P.PROTOCOL_VERSION}", partition=self.partition, language=self.language,
-                    role=self.role, hint="driver and executors run different workerbridge versions")
-            P.send_json(conn, P.WELCOME, {"protocol": P.PROTOCOL_VERSION})
-            self.stats["child_pid"] = hello.get("pid")
-            return conn, stream             # the task's watch replaces the auth one in _run
+        except _Gone:
+            P.close_quietly(stream, conn)
+            raise self._died(f"the {self.role} child exited before its HELLO") from None
+        except (_Breach, P.ProtocolError, OSError) as e:
+            P.close_quietly(stream, conn)
+            raise TransportError(
+                f"{self.role} proved the secret but sent no valid HELLO: {e}",
+                partition=self.partition, language=self.language, role=self.role,
+                detail="stderr tail:\n" + self.child.stderr_tail(),
+                hint="the child's interpreter may run another workerbridge; see its stderr") from None
+        if hello.get("protocol") != P.PROTOCOL_VERSION:
+            P.close_quietly(stream, conn)
+            raise TransportError(
+                f"{self.role} speaks protocol {hello.get('protocol')}, this Worker "
+                f"{P.PROTOCOL_VERSION}", partition=self.partition, language=self.language,
+                role=self.role, hint="driver and executors run different workerbridge versions")
+        P.send_json(conn, P.WELCOME, {"protocol": P.PROTOCOL_VERSION})
+        self.stats["child_pid"] = hello.get("pid")
+        return conn, stream             # the task's watch replaces the auth one in _run
 
     def _task_json(self) -> dict:
-        msg = {"partition": self.partition, "task_id": str(self.task_id),
+        msg = {"partition": self.partition, "task_id": str(self.task_id), "job": self.spec.job,
                "closure_hash": self.closure.digest, "options": self.closure.options}
         if self.closure.context_json is not None:
             msg["context"] = json.loads(self.closure.context_json)
+        if R_PACKAGES in self.shipped:
+            msg["r_lib"] = self.shipped[R_PACKAGES]
         msg.update(self.extra)
         return msg
 
     def _write_input(self, conn: socket.socket, first: pa.RecordBatch,
                      rest: Iterator[pa.RecordBatch]) -> None:
-        """Writer thread: the partition's rows as one Arrow stream.  Never raises."""
+        """Writer thread: the partition's rows as one Arrow stream.  Never raises.
+
+        The end-of-stream marker is written only after the last batch: when the
+        input fails upstream the stream is cut (nothing more is sent, the write
+        side is shut), so the child can never take part of a partition for all
+        of it; the reader sees the stored error within POLL_S."""
         rows = 0
+        sink = _SocketSink(conn)
         try:
-            sink = _SocketSink(conn)
-            with pa.ipc.new_stream(sink, first.schema) as w:
-                for batch in self._input_batches(first, rest):
-                    w.write_batch(batch)
-                    rows += batch.num_rows
+            batches = self._input_batches(first, rest)
+            head = next(batches)
+            # R: repeated string columns go dictionary-encoded (decided on the first batch)
+            encode = dictionary.repeated_string_columns(head) \
+                if self.closure.language == R_LANG else []
+            schema = dictionary.encoded_schema(head.schema, encode)
+            w = pa.ipc.new_stream(sink, schema)
+            for batch in itertools.chain([head], batches):
+                w.write_batch(dictionary.encode_columns(batch, schema, encode))
+                rows += batch.num_rows
+            w.close()
             self.stats["rows_sent"] = rows
         except BaseException as e:                  # noqa: BLE001 - stored, re-raised by the reader
+            sink.cut()
             self._writer_error = e
+            try:
+                conn.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
 
     def _input_batches(self, first: pa.RecordBatch,
                        rest: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -356,32 +410,55 @@ class Worker:
             yield _joined(pending)
 
     def _read_result(self, stream: io.BufferedReader) -> Iterator[pa.RecordBatch]:
-        role_prefix = "R" if self.closure.language == R_LANG else "Py"
-        allowed = {f"{role_prefix}Script", f"{role_prefix}Closure"}
+        lang = language_of(self.closure.language)
+        allowed = {lang.role, lang.closure_role}
         while True:
-            msg_type, payload = P.recv_frame(stream)
+            msg_type, length = P.recv_header(stream)
             if msg_type == P.LOG:
-                rec = P.decode_json(payload)
-                role = rec.get("role") if rec.get("role") in allowed else self.role
-                level = rec.get("level") if rec.get("level") in ("DEBUG", "INFO", "WARN", "ERROR") \
-                    else "INFO"
-                self.log.write(role, str(rec.get("message", "")), level)
-            elif msg_type == P.ERROR:
+                self._child_log(stream, length, allowed)
+                continue
+            payload = P.read_exact(stream, length) if length else b""
+            if msg_type == P.ERROR:
                 raise self._closure_error(P.decode_json(payload))
             elif msg_type == P.OUTPUT:
                 rows = 0
                 reader = pa.ipc.open_stream(stream)
                 for batch in reader:
                     rows += batch.num_rows
-                    yield self._conform(batch)
-                self.stats["rows_out"] = rows
+                    yield self._conform(dictionary.decode_dictionaries(batch))
+                self.stats["rows_read"] = self.stats.get("rows_read", 0) + rows
             elif msg_type == P.DONE:
                 self.stats.update(P.decode_json(payload))
-                if self._writer_error is not None:
-                    raise self._writer_error
                 return
             else:
                 raise P.ProtocolError(f"unexpected {P.MESSAGE_NAMES[msg_type]} from {self.role}")
+
+    def _child_log(self, stream: io.BufferedReader, length: int, allowed: set) -> None:
+        """One LOG frame as a line, its message capped (``P.cap_line``); a frame
+        above LOG_FRAME_KEEP is read as its head only, the rest skipped unkept."""
+        head = P.read_exact(stream, min(length, LOG_FRAME_KEEP)) if length else b""
+        P.skip(stream, length - len(head))
+        whole = len(head) == length
+        rec = P.decode_json(head) if whole else _partial_log_record(head)
+        role = rec.get("role") if rec.get("role") in allowed else self.role
+        self.log.write(role, P.cap_line(str(rec.get("message", "")), None if whole else length),
+                       level_of(rec.get("level")))
+
+    def _check_counts(self, writer: threading.Thread) -> None:
+        """After DONE: the child took every row sent and the Worker read every
+        row it returned; else the task fails (Spark retries it), never short."""
+        writer.join(5.0)
+        if self._writer_error is not None:
+            raise _Upstream(self._writer_error)
+        sent, took = self.stats.get("rows_sent"), self.stats.get("rows_in")
+        made, read = self.stats.get("rows_out"), self.stats.get("rows_read", 0)
+        if writer.is_alive() or sent != took or (made is not None and made != read):
+            raise TransportError(
+                f"row counts disagree: the Worker sent {sent} rows and {self.role} took {took}; "
+                f"{self.role} returned {made} and the Worker read {read}",
+                partition=self.partition, language=self.language, role=self.role,
+                hint="rows were lost between the Worker and its child; the task fails so "
+                     "that Spark can retry it")
 
     # ---- results -------------------------------------------------------------------------
     def _conform(self, batch: pa.RecordBatch) -> pa.RecordBatch:
@@ -389,7 +466,6 @@ class Worker:
         want = self.spec.out_schema
         if want is None:
             return batch
-        from .schema import conform
         try:
             return conform(batch, want)
         except ValueError as e:
@@ -428,7 +504,10 @@ class Worker:
                  "(a segfault, out of memory, or os._exit/quit() in the closure)")
 
     def _watch(self, deadline: Optional[float], what: str, data_ready: bool) -> None:
-        """Called while a read waits: raise if the child died or a limit is breached."""
+        """Called while a read waits: raise if the input failed upstream, the
+        child died or a limit is breached."""
+        if self._writer_error is not None:
+            raise _Upstream(self._writer_error)
         if not data_ready and self.child.poll() is not None:
             raise _Gone(f"the child exited ({exit_name(self.child.returncode)})")
         now = time.monotonic()
@@ -444,6 +523,13 @@ class Worker:
             if rss > limit:
                 raise _Breach(f"memory_limit of {format_bytes(limit)}",
                               f"the child's process tree used {format_bytes(rss)}")
+
+    def _upstream_error(self, error: BaseException) -> TaskError:
+        return TaskError(
+            f"the partition's input failed upstream: {type(error).__name__}: {error}",
+            partition=self.partition, language=self.language, role=self.role,
+            hint="the error is in what feeds spark_apply (the source or an earlier step), "
+                 "not in the closure; the child got no end of input, so no partial result")
 
     def _limit_error(self, e: _Breach) -> LimitError:
         self.log.write("Worker", f"{e.limit} breached ({e.observed}); ending {self.role}", "ERROR")
@@ -468,6 +554,17 @@ class Worker:
             hint="the child sent something that is not the protocol; see its stderr")
 
 
+def _partial_log_record(head: bytes) -> dict:
+    """Level, role and the start of the message from the head of a LOG frame's
+    JSON too long to keep whole (JSON escapes in the message are left as they are)."""
+    text = head.decode("utf-8", "ignore")
+    rec = {k: m.group(1) for k in ("level", "role")
+           if (m := re.search(rf'"{k}"\s*:\s*"(\w+)"', text))}
+    m = re.search(r'"message"\s*:\s*"', text)
+    rec["message"] = text[m.end():] if m else text
+    return rec
+
+
 def _joined(batches: list) -> pa.RecordBatch:
     if len(batches) == 1:
         return batches[0]
@@ -480,9 +577,15 @@ class _SocketSink:
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self.closed = False
+        self._cut = False
+
+    def cut(self) -> None:
+        """Send nothing more, whatever the writer still flushes (no end marker)."""
+        self._cut = True
 
     def write(self, data) -> int:
-        self.sock.sendall(data)
+        if not self._cut:
+            self.sock.sendall(data)
         return len(data)
 
     def flush(self) -> None:
@@ -490,22 +593,3 @@ class _SocketSink:
 
     def close(self) -> None:
         self.closed = True
-
-
-def task_id_and_partition() -> tuple:
-    """Spark's task attempt id and partition index, or the pid and 0 outside a task."""
-    try:
-        from pyspark import TaskContext
-        tc = TaskContext.get()
-    except ImportError:
-        tc = None
-    if tc is None:
-        return f"driver-{os.getpid()}", 0
-    return tc.taskAttemptId(), tc.partitionId()
-
-
-def barrier_info() -> dict:
-    """In a barrier stage: this task's partition and every task's address."""
-    from pyspark import BarrierTaskContext
-    tc = BarrierTaskContext.get()
-    return {"partition": tc.partitionId(), "address": [t.address for t in tc.getTaskInfos()]}

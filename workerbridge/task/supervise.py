@@ -3,7 +3,9 @@
 Covers: spawning with the secret on stdin (never argv, never the environment),
 stderr captured to a file whose tail goes into error messages, the exit-code
 names (``SIGSEGV(-11)``), and termination with a budget: ask (SIGTERM), wait,
-kill every descendant (SIGKILL), confirm gone.  Does not cover: the socket or
+kill every descendant (SIGKILL), confirm gone.  Each child is a session
+leader, so what its descendants leave behind when reparented is still ended
+and measured.  Does not cover: the socket or
 the protocol (``worker``).
 """
 
@@ -43,17 +45,43 @@ def exit_name(code: Optional[int]) -> str:
     return str(code)
 
 
-_SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+# The fallback for a setpriv without --pdeathsig (util-linux < 2.33): the same
+# two steps in a tiny Python program, then exec, so the pid is still the child's.
+# The getppid() check covers a parent that died before prctl took effect.
+PDEATHSIG_LAUNCHER = (
+    "import ctypes, os, sys\n"
+    "if ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0) != 0:\n"
+    "    sys.exit('workerbridge: prctl(PR_SET_PDEATHSIG) failed')\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    os._exit(70)\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n")
+_PROBED: dict = {}      # setpriv path -> whether it takes --pdeathsig
+
+
+def setpriv_takes_pdeathsig(setpriv: str) -> bool:
+    """Whether this ``setpriv`` knows ``--pdeathsig``: tried once, remembered."""
+    if setpriv not in _PROBED:
+        try:
+            done = subprocess.run([setpriv, "--pdeathsig", "KILL", "--", "true"],
+                                  stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
+            _PROBED[setpriv] = done.returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            _PROBED[setpriv] = False
+    return _PROBED[setpriv]
 
 
 def with_parent_death_signal(argv: Sequence[str]) -> list:
     """``argv`` run so that the kernel kills it when its parent dies
-    (``PR_SET_PDEATHSIG`` through util-linux ``setpriv``, which then execs, so the
-    pid is the child's own).  Without setpriv, ``argv`` unchanged: the children
-    also exit on EOF of their stdin or socket."""
-    if _SETPRIV is None:
+    (``PR_SET_PDEATHSIG``, then exec, so the pid is the child's own): through
+    util-linux ``setpriv`` when it has ``--pdeathsig``, else through a small
+    Python launcher doing the same.  Not on Linux: ``argv`` unchanged (the
+    children also exit on EOF of their stdin or socket)."""
+    if not sys.platform.startswith("linux"):
         return list(argv)
-    return [_SETPRIV, "--pdeathsig", "KILL", "--", *argv]
+    setpriv = shutil.which("setpriv")
+    if setpriv is not None and setpriv_takes_pdeathsig(setpriv):
+        return [setpriv, "--pdeathsig", "KILL", "--", *argv]
+    return [sys.executable, "-I", "-S", "-c", PDEATHSIG_LAUNCHER, str(os.getpid()), *argv]
 
 
 def parse_bytes(text) -> int:
@@ -78,15 +106,34 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def tree_rss(pid: int) -> int:
-    """Resident memory of ``pid`` and all its descendants, in bytes."""
-    total = 0
+def family(pid: int) -> list:
+    """``pid``, its descendants, and every process left in its session (the
+    child is started as a session leader, so grandchildren that were reparented
+    after their parent exited, as ``system("cmd &")`` or ``mclapply`` leave
+    them, are still found).  A process that calls ``setsid`` itself is gone
+    from the family; one that ``setpgid``s into a new group is not."""
+    procs = {}
     try:
         root = psutil.Process(pid)
-        procs = [root] + root.children(recursive=True)
+        procs[pid] = root
+        procs.update((p.pid, p) for p in root.children(recursive=True))
     except psutil.NoSuchProcess:
-        return 0
-    for p in procs:
+        pass
+    for other in psutil.pids():
+        if other in procs or other == pid:
+            continue
+        try:
+            if os.getsid(other) == pid:
+                procs[other] = psutil.Process(other)
+        except (OSError, psutil.NoSuchProcess):
+            pass
+    return list(procs.values())
+
+
+def tree_rss(pid: int) -> int:
+    """Resident memory of ``pid`` and all its family (:func:`family`), in bytes."""
+    total = 0
+    for p in family(pid):
         try:
             total += p.memory_info().rss
         except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -102,7 +149,7 @@ class Child:
         self._stderr = tempfile.TemporaryFile(prefix="workerbridge-stderr-")
         self.proc = subprocess.Popen(
             self.argv, stdin=subprocess.PIPE, stdout=self._stderr, stderr=self._stderr,
-            env=env, cwd=cwd, close_fds=True)
+            env=env, cwd=cwd, close_fds=True, start_new_session=True)
         self.pid = self.proc.pid
         try:
             # The secret, then the pipe stays open: EOF on it tells the child
@@ -144,17 +191,14 @@ class Child:
             pass
 
     def end(self, grace: float = TERM_GRACE_S) -> list[int]:
-        """End the child and all its descendants; return pids that would not die.
+        """End the child and all its family (descendants and its session);
+        return pids that would not die.
 
         Budget: SIGTERM to the tree, ``grace`` seconds, SIGKILL to what is left,
         then up to ``KILL_CONFIRM_S`` to confirm.
         """
         self.close_stdin()
-        tree = descendants(self.pid)
-        try:
-            tree.insert(0, psutil.Process(self.pid))
-        except psutil.NoSuchProcess:
-            pass
+        tree = family(self.pid)
         alive = [p for p in tree if _send(p, signal.SIGTERM)] if grace > 0 else tree
         if alive and grace > 0:
             _, alive = psutil.wait_procs(alive, timeout=grace)
@@ -172,13 +216,6 @@ class Child:
             self._stderr.close()
         except OSError:
             pass
-
-
-def descendants(pid: int) -> list:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
 
 
 def _send(p, sig) -> bool:

@@ -2,7 +2,9 @@
 
 Covers: collecting the files a child runs (the Python child, the protocol, the
 R scripts) on the driver as text, and writing them once per content hash into a
-private directory on the executor.  An executor therefore needs only an
+private directory on the executor (``<tmp>/workerbridge-<uid>/runtime-<digest>``,
+checked for owner, mode and content hash before anything there is imported or
+sourced).  An executor therefore needs only an
 interpreter (``python`` with pyarrow, pandas and cloudpickle, or ``Rscript``),
 never an installed workerbridge, and a ``python=`` interpreter from another
 venv sees only these files, not the driver's site-packages.
@@ -10,14 +12,13 @@ venv sees only these files, not the driver's site-packages.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._bootstrap import materialize, pack_files
+from .bootstrap import content_digest, materialize, pack_files
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-R_FILES = ("protocol.R", "arrow_ipc.R", "child.R")
+PACKAGE_DIR = Path(__file__).resolve().parent.parent     # workerbridge/
+R_FILES = ("protocol.R", "arrow_ipc.R", "shipped.R", "child.R")
 
 
 def r_scripts_dir() -> Path:
@@ -44,8 +45,8 @@ class Runtime:
         when ``with_r``).  Python and R jobs thus ship the same runtime, so an
         executor keeps one loaded workerbridge, and one pool of warm children,
         when they alternate."""
-        files = {f"workerbridge/{p.name}": p.read_text("utf-8")
-                 for p in sorted(PACKAGE_DIR.glob("*.py"))}
+        files = {f"workerbridge/{p.relative_to(PACKAGE_DIR).as_posix()}": p.read_text("utf-8")
+                 for p in sorted(PACKAGE_DIR.rglob("*.py")) if "__pycache__" not in p.parts}
         try:
             rdir = r_scripts_dir()
         except FileNotFoundError:
@@ -53,15 +54,13 @@ class Runtime:
                 raise
         else:
             files.update({f"rscripts/{name}": (rdir / name).read_text("utf-8") for name in R_FILES})
-        h = hashlib.sha256()
-        for path in sorted(files):
-            h.update(path.encode() + b"\0" + files[path].encode("utf-8") + b"\0")
-        return cls(files, h.hexdigest()[:16])
+        return cls(files, content_digest(files))
 
     def blob(self) -> bytes:
         """The files, compressed, as they travel inside the task."""
         return pack_files(self.files)
 
     def materialize(self, base: str | None = None) -> Path:
-        """The directory holding these files, written on first use (atomically)."""
+        """The directory holding these files, written on first use (atomically)
+        and checked before every use (``_bootstrap.check_runtime``)."""
         return Path(materialize(self.files, self.digest, base))

@@ -1,19 +1,14 @@
-"""Lifecycle log lines: their format, and the sink a Worker writes them to.
+"""The sink a Worker writes its lifecycle lines to.
 
-Covers: the line format (a contract that tests and users parse), and
-:class:`LogSink`, which sends a task's lines to the driver's Gateway over one
+Covers: :class:`LogSink`, which sends a task's lines to the driver's Gateway over one
 authenticated connection per Python worker process, or to stderr (the executor
 log) when the Gateway cannot be reached.  Does not cover: the Gateway server
 (``gateway``).
 
-Format, exactly::
-
-    yy/MM/dd HH:mm:ss LEVEL workerbridge: <Role> (<id>) <message>
 """
 
 from __future__ import annotations
 
-import re
 import socket
 import sys
 import threading
@@ -21,33 +16,8 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from . import protocol as P
-
-ROLES = ("Gateway", "Worker", "PyScript", "RScript", "PyClosure", "RClosure")
-LEVELS = ("DEBUG", "INFO", "WARN", "ERROR")
-
-LINE_RE = re.compile(
-    r"^(?P<date>\d{2}/\d{2}/\d{2}) (?P<time>\d{2}:\d{2}:\d{2}) (?P<level>DEBUG|INFO|WARN|ERROR) "
-    r"workerbridge: (?P<role>" + "|".join(ROLES) + r") \((?P<id>[^)]+)\) (?P<message>.*)$")
-
-
-def format_line(role: str, ident: object, message: str, level: str = "INFO",
-                when: Optional[float] = None) -> str:
-    """One log line; newlines in ``message`` are folded so a line stays a line.
-
-    >>> format_line("Worker", 7, "partition 0 compute starting", when=0)[18:]
-    'INFO workerbridge: Worker (7) partition 0 compute starting'
-    """
-    stamp = time.strftime("%y/%m/%d %H:%M:%S", time.localtime(time.time() if when is None else when))
-    text = " | ".join(part for part in str(message).splitlines()) or ""
-    return f"{stamp} {level} workerbridge: {role} ({ident}) {text}"
-
-
-def parse_line(line: str) -> Optional[dict]:
-    """The fields of a line in the format above, or None."""
-    m = LINE_RE.match(line)
-    return m.groupdict() if m else None
-
+from ..wire import protocol as P
+from ..wire.logline import format_line
 
 @dataclass(frozen=True)
 class GatewayAddress:

@@ -1,7 +1,7 @@
 """Wire protocol between a Worker and its child (PyScript or RScript).
 
 Covers: the frame format, the named message types, the handshake order and the
-size bounds.  Does not cover: what a child does with a message (``child_python``
+size bounds.  Does not cover: what a child does with a message (``child.python``
 and ``rscripts/child.R``) or process supervision (``supervise``).
 
 This module imports only the standard library, so the Python child can use it
@@ -29,7 +29,8 @@ Order of one task::
     child  -> AUTH     the per-task secret (ASCII hex); compared in constant time
     child  -> HELLO    {"pid", "protocol", "language", "runtime"}
     worker -> WELCOME  {"protocol"}            (or the worker closes the socket)
-    worker -> TASK     {"partition", "task_id", "options", "context" (R)...}
+    worker -> TASK     {"partition", "task_id", "job", "options", "context" (R)...}
+                       (a new "job" first resets what the last job's closure left)
     worker -> CLOSURE  cloudpickle bytes (Python) or R source (UTF-8), or R's
                        serialize() (options "closure_format": "serialized")
     worker -> INPUT    + Arrow IPC stream of the partition's rows
@@ -80,6 +81,7 @@ HEADER_BYTES = 8
 MAX_AUTH_BYTES = 1024            # bound on any frame before the secret checks out
 MAX_FRAME_BYTES = 1 << 30        # bound on any frame after (1 GiB)
 SECRET_BYTES = 32                # random bytes; sent as 64 hex characters
+LOG_LINE_MAX_BYTES = 64 * 1024   # a log line's message is cut here (UTF-8 bytes)
 
 # Environment variables a Worker sets for its child.  The secret is never among
 # them: it travels on the child's stdin, the first line.
@@ -99,6 +101,11 @@ class PeerClosed(ProtocolError):
 
 def pack_header(msg_type: int, length: int) -> bytes:
     return _HEADER.pack(msg_type, length)
+
+
+def unpack_header(header: bytes) -> tuple[int, int]:
+    """(message type, payload length) of an 8-byte header."""
+    return _HEADER.unpack(header)
 
 
 def read_exact(stream: BinaryIO, n: int) -> bytes:
@@ -129,6 +136,13 @@ def send_json(sock: socket.socket, msg_type: int, obj: Any) -> None:
 
 def recv_frame(stream: BinaryIO, max_bytes: int = MAX_FRAME_BYTES) -> tuple[int, bytes]:
     """Read one frame; refuse unknown types and lengths above ``max_bytes``."""
+    msg_type, length = recv_header(stream, max_bytes)
+    return msg_type, read_exact(stream, length) if length else b""
+
+
+def recv_header(stream: BinaryIO, max_bytes: int = MAX_FRAME_BYTES) -> tuple[int, int]:
+    """Read one frame's header: (type, payload length), both checked; the
+    payload is left to the caller (:func:`read_exact`, or :func:`skip`)."""
     header = read_exact(stream, HEADER_BYTES)
     msg_type, length = _HEADER.unpack(header)
     if msg_type not in MESSAGE_NAMES:
@@ -137,7 +151,13 @@ def recv_frame(stream: BinaryIO, max_bytes: int = MAX_FRAME_BYTES) -> tuple[int,
         raise ProtocolError(
             f"{MESSAGE_NAMES[msg_type]} frame announces {length} bytes; "
             f"the bound here is {max_bytes}")
-    return msg_type, read_exact(stream, length) if length else b""
+    return msg_type, length
+
+
+def skip(stream: BinaryIO, n: int, chunk: int = 1 << 20) -> None:
+    """Read and drop ``n`` bytes, a chunk at a time; :class:`PeerClosed` on EOF."""
+    while n > 0:
+        n -= len(read_exact(stream, min(n, chunk)))
 
 
 def expect(stream: BinaryIO, want: int, max_bytes: int = MAX_FRAME_BYTES) -> bytes:
@@ -156,6 +176,21 @@ def close_quietly(*ends) -> None:
             f.close()
         except OSError:
             pass
+
+
+def cap_line(message: str, total: int | None = None) -> str:
+    """``message`` cut to ``LOG_LINE_MAX_BYTES`` of UTF-8 with a marker saying
+    how long it was (``total`` bytes when the caller saw more than it kept).
+
+    >>> cap_line("x" * 70000).endswith("… [log line truncated: 70000 bytes in all]")
+    True
+    """
+    data = message.encode("utf-8", "replace")
+    size = max(total or 0, len(data))
+    if size <= LOG_LINE_MAX_BYTES:
+        return message
+    kept = data[:LOG_LINE_MAX_BYTES].decode("utf-8", "ignore")
+    return f"{kept}… [log line truncated: {size} bytes in all]"
 
 
 def decode_json(payload: bytes) -> Any:

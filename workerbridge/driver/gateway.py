@@ -2,7 +2,7 @@
 
 Covers: the server (loopback, secret-protected), the bounded in-memory store
 that ``spark_log`` reads, and the log file.  Does not cover: how lines are
-formatted or sent (``logs``), or Spark itself (the API finds the Gateway of a
+formatted (``wire.logline``) or sent (``task.logsink``), or Spark itself (the API finds the Gateway of a
 session through :func:`Gateway.for_key`).
 
 Conversation on one connection (frames of ``protocol``)::
@@ -24,8 +24,9 @@ import threading
 import time
 from typing import Callable, Optional
 
-from . import protocol as P
-from .logs import GatewayAddress, drop_connection, format_line
+from ..task.logsink import GatewayAddress, drop_connection
+from ..wire import protocol as P
+from ..wire.logline import format_line
 
 DEFAULT_MAX_LINES = 100_000
 AUTH_TIMEOUT_S = 5.0

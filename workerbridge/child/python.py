@@ -1,17 +1,18 @@
 """PyScript: the Python child that applies a closure to a partition.
 
-Run as ``python -m workerbridge.child_python`` by a Worker, with the backend
+Run as ``python -m workerbridge.child.python`` by a Worker, with the backend
 port in the environment and the per-task secret as the first line of stdin.
 Covers: connect, authenticate, load the closure (only after the secret checks
 out), read the rows as an Arrow stream, call the closure, turn what it returns
 into Arrow, write it back, report errors with the full traceback.
 
-Imports only the standard library, the protocol module, pyarrow, pandas and
+Imports only the standard library, the ``wire`` layer, pyarrow, pandas and
 cloudpickle — never pyspark — so it runs in any interpreter that has those.
 """
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import inspect
 import os
@@ -21,11 +22,13 @@ import threading
 import traceback
 from typing import Any, Optional
 
-from workerbridge import protocol as P
-from workerbridge import userlog
+from workerbridge.child import userlog
+from workerbridge.wire import phases
+from workerbridge.wire import protocol as P
+from workerbridge.wire.lifecycle import language_of, line
 
-ROLE = "PyScript"
-CLOSURE_ROLE = "PyClosure"
+ROLE = language_of("python").role
+CLOSURE_ROLE = language_of("python").closure_role
 MAX_BATCH_ROWS = 64 * 1024
 
 
@@ -48,8 +51,9 @@ def main() -> int:
     P.expect(stream, P.WELCOME, P.MAX_AUTH_BYTES)
     channel = Channel(sock)
     userlog.install(channel.closure_log)
-    channel.log("is connected to backend")
+    channel.log(line("connected"))
     closures: dict[str, Any] = {}
+    baseline = Baseline()
     while True:
         try:
             msg_type, payload = P.recv_frame(stream)
@@ -59,7 +63,35 @@ def main() -> int:
             return 0
         if msg_type != P.TASK:
             raise P.ProtocolError(f"expected TASK or BYE, got {P.MESSAGE_NAMES[msg_type]}")
-        run_task(P.decode_json(payload), stream, channel, closures)
+        task = P.decode_json(payload)
+        baseline.enter(task.get("job"), closures)
+        try:
+            run_task(task, stream, channel, closures)
+        finally:
+            Profile.stop()          # a task that failed midway leaves no profiler on
+
+
+class Baseline:
+    """What each new job finds in a warm child: the working directory, the
+    environment and ``sys.path`` the child started with, and no closure of
+    another job (with the closure go its globals).  Imported modules, and
+    whatever state they hold, are kept: re-importing is what reuse saves."""
+
+    def __init__(self):
+        self.cwd, self.environ, self.path = os.getcwd(), dict(os.environ), list(sys.path)
+        self.job: Optional[str] = None
+
+    def enter(self, job: Optional[str], closures: dict) -> None:
+        if job == self.job:
+            return
+        if self.job is not None:
+            os.chdir(self.cwd)
+            for name in set(os.environ) - set(self.environ):
+                del os.environ[name]
+            os.environ.update(self.environ)
+            sys.path[:] = self.path
+        closures.clear()
+        self.job = job
 
 
 class Channel:
@@ -152,41 +184,45 @@ def run_task(task: dict, stream, channel: Channel, closures: dict) -> None:
     digest = task.get("closure_hash", "")
     payload = P.expect(stream, P.CLOSURE)
     P.expect(stream, P.INPUT)
+    profile = Profile.start() if task.get("options", {}).get("profile") else None
     reader = pa.ipc.open_stream(stream)
     batch_mode = task.get("options", {}).get("batch_mode") == "batch"
-    table = None if batch_mode else reader.read_all()
+    with timed(profile, "transfer"):
+        table = None if batch_mode else reader.read_all()
     try:
         if digest not in closures:
             import cloudpickle
             closures.clear()
             closures[digest] = cloudpickle.loads(payload)
-            channel.log(f"loaded closure {digest[:12]} ({len(payload)} bytes)")
+            channel.log(line("loaded", digest=digest[:12], size=len(payload)))
         packed = closures[digest]
     except BaseException as e:                    # noqa: BLE001 - reported, not swallowed
         _drain(reader)
         channel.error("unpickle", e)
         return
     if batch_mode:
-        return run_batches(packed, reader, task, channel)
-    channel.log(f"retrieved {table.num_rows} rows")
-    channel.log(f"retrieved {table.num_columns} column names")
+        return run_batches(packed, reader, task, channel, profile)
+    channel.log(line("retrieved", rows=table.num_rows))
+    channel.log(line("columns", columns=table.num_columns))
     try:
-        out, groups = apply(packed["func"], table, packed.get("context"), task)
+        out, groups = apply(packed["func"], table, packed.get("context"), task, profile)
     except _Failed as failed:
         channel.error(failed.kind, failed.error)
         return
-    channel.log(f"applied closure to {table.num_rows} rows"
-                + (f" in {groups} groups" if groups is not None else ""))
-    channel.log(f"returned {out.num_rows} rows")
-    with channel.lock:
+    channel.log(line("applied", rows=table.num_rows,
+                     detail=f" in {groups} groups" if groups is not None else ""))
+    channel.log(line("returned", rows=out.num_rows))
+    with channel.lock, timed(profile, "send"):
         output = OutputStream(channel)
         output.write(out)
         output.close()
-    channel.log("finished")
+    if profile is not None:
+        channel.log(profile.line())
+    channel.log(line("finished"))
     P.send_json(channel.sock, P.DONE, {"rows_in": table.num_rows, "rows_out": out.num_rows})
 
 
-def run_batches(packed, reader, task: dict, channel: Channel) -> None:
+def run_batches(packed, reader, task: dict, channel: Channel, profile=None) -> None:
     """Batch mode: the closure per Arrow batch, results streamed back while the
     input still arrives; memory bounded by a batch."""
     import pyarrow as pa
@@ -199,9 +235,10 @@ def run_batches(packed, reader, task: dict, channel: Channel) -> None:
             rows_in += batch.num_rows
             batches += 1
             out, _ = apply(packed["func"], pa.Table.from_batches([batch]), packed.get("context"),
-                           task)
+                           task, profile)
             if out.num_rows or output.writer is None:
-                output.write(out)
+                with timed(profile, "send"):
+                    output.write(out)
     except _Failed as failed:
         failure = failed
     except ResultTypeError as e:
@@ -216,11 +253,13 @@ def run_batches(packed, reader, task: dict, channel: Channel) -> None:
     if output.writer is None:                      # no input batch at all
         output.write(pa.table({}))
         output.close()
-    channel.log(f"retrieved {rows_in} rows")
-    channel.log(f"retrieved {len(reader.schema)} column names")
-    channel.log(f"applied closure to {rows_in} rows in {batches} batches")
-    channel.log(f"returned {output.rows} rows")
-    channel.log("finished")
+    channel.log(line("retrieved", rows=rows_in))
+    channel.log(line("columns", columns=len(reader.schema)))
+    channel.log(line("applied", rows=rows_in, detail=f" in {batches} batches"))
+    channel.log(line("returned", rows=output.rows))
+    if profile is not None:
+        channel.log(profile.line())
+    channel.log(line("finished"))
     P.send_json(channel.sock, P.DONE, {"rows_in": rows_in, "rows_out": output.rows})
 
 
@@ -239,7 +278,40 @@ class _Failed(Exception):
         self.kind, self.error = kind, error
 
 
-def apply(func, table, context, task: dict):
+class Profile:
+    """``profile=True``: the task's phases and a cProfile of the whole task."""
+
+    def __init__(self):
+        import cProfile
+        self.clock = phases.PhaseClock()
+        self.profiler = cProfile.Profile()
+
+    active: Optional["Profile"] = None
+
+    @classmethod
+    def start(cls) -> "Profile":
+        prof = cls.active = cls()
+        prof.profiler.enable()
+        return prof
+
+    @classmethod
+    def stop(cls) -> None:
+        if cls.active is not None:
+            cls.active.profiler.disable()
+            cls.active = None
+
+    def line(self) -> str:
+        self.profiler.disable()
+        return phases.format_profile("cProfile", self.clock.seconds,
+                                     phases.top_functions(self.profiler))
+
+
+def timed(profile: Optional[Profile], name: str):
+    """A phase of a profiled task (nothing when not profiling)."""
+    return profile.clock.phase(name) if profile is not None else contextlib.nullcontext()
+
+
+def apply(func, table, context, task: dict, profile: Optional[Profile] = None):
     """The closure over the partition, or over each whole group of it.
 
     Returns the result table and the number of groups (None without group_by).
@@ -255,11 +327,15 @@ def apply(func, table, context, task: dict):
     parts = []
     for part in units:
         try:
-            result = call_closure(func, part if as_arrow else to_pandas(part), context, task)
+            with timed(profile, "decode"):
+                data = part if as_arrow else to_pandas(part)
+            with timed(profile, "closure"):
+                result = call_closure(func, data, context, task)
         except BaseException as e:                    # noqa: BLE001
             raise _Failed("closure", e) from None
         try:
-            out = to_table(result)
+            with timed(profile, "encode"):
+                out = to_table(result)
         except BaseException as e:                    # noqa: BLE001
             raise _Failed("result", e) from None
         if not keys:

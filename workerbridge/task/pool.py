@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .protocol import close_quietly
+from ..wire.protocol import close_quietly
 
 MAX_IDLE_PER_KEY = 2
 MAX_IDLE_TOTAL = 4
@@ -33,6 +33,7 @@ class Warm:
     stream: Any                 # io.BufferedReader over the socket
     reader: Any                 # worker._ChildReader
     digest: str = ""            # the closure it has loaded
+    job: str = ""               # the spark_apply it last ran a task of
     tasks: int = 0              # tasks it has run
     idle_since: float = field(default_factory=time.monotonic)
 

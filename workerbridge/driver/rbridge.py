@@ -3,7 +3,7 @@
 Covers: starting a SparkSession for R (``session``), moving data between R and
 Spark as Arrow IPC stream bytes (R encodes and decodes them with the R child's
 own codec, ``rscripts/arrow_ipc.R``; no pandas on the way), running an
-:class:`~workerbridge.closure.RFunction` through :func:`spark_apply`, and turning
+:class:`~workerbridge.driver.closure.RFunction` through :func:`spark_apply`, and turning
 any exception into plain fields that R raises as a condition (``call``).
 Does not cover: the R side (``R/`` of this repository), the closure's
 serialization (R's own ``serialize()``), the task (``worker``).
@@ -17,8 +17,8 @@ from typing import Any, Callable, Optional
 
 from .api import spark_apply, spark_log
 from .closure import RFunction
-from .errors import TaskError, WorkerBridgeError
-from .runtime import r_scripts_dir
+from ..wire.errors import TaskError, WorkerBridgeError
+from ..task.runtime import r_scripts_dir
 
 ERROR_NAMES = ("BadInputError", "ClosureError", "LimitError", "ChildDiedError",
                "TransportError", "TaskError")
@@ -45,7 +45,7 @@ def describe_error(e: BaseException) -> dict:
     message = str(e)
     if kind is None and not isinstance(e, WorkerBridgeError):
         # a task's error reaches the driver as text inside Spark's exception
-        hits = [(message.rfind(f"workerbridge.errors.{n}: "), n) for n in ERROR_NAMES]
+        hits = [(message.rfind(f"workerbridge.wire.errors.{n}: "), n) for n in ERROR_NAMES]
         hits = [h for h in hits if h[0] >= 0]
         if hits:
             kind = max(hits)[1]
