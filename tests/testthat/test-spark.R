@@ -120,7 +120,7 @@ test_that("bad input carries the same text as the Python spark_apply raises", {
   bad$l <- list(1, "a")
   expect_error(wb_copy_to(sc, bad), "cannot copy the data.frame to Spark: column 'l'")
   expect_error(wb_collect(42), "x must be a Spark DataFrame")
-  expect_error(spark_apply(x, function(d) d, 60), "must be named")
+  expect_error(spark_apply(x, function(d) d, NULL, NULL, NULL, NULL, 60), "must be named")
   expect_error(wb_connect(config = list(1)), "named list")
   expect_error(spark_apply(x, function(d) data.frame(a = 1, b = 2), columns = c("only_one")),
                "columns= names 1 columns, but the result has 2", class = "wb_error")

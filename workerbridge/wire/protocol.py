@@ -31,7 +31,8 @@ Order of one task::
     worker -> WELCOME  {"protocol"}            (or the worker closes the socket)
     worker -> TASK     {"partition", "task_id", "job", "options", "context" (R)...}
                        (a new "job" first resets what the last job's closure left)
-    worker -> CLOSURE  cloudpickle bytes (Python) or R source (UTF-8)
+    worker -> CLOSURE  cloudpickle bytes (Python) or R source (UTF-8), or R's
+                       serialize() (options "closure_format": "serialized")
     worker -> INPUT    + Arrow IPC stream of the partition's rows
     child  -> LOG*     {"level", "role", "message"}   (any time after WELCOME)
     child  -> OUTPUT   + Arrow IPC stream of the result  (then DONE)
