@@ -341,15 +341,9 @@ if cfg.get("extras"):
     attempt("log_path", lambda: log_path(spark))
 if cfg.get("unreachable_gateway"):
     # What an executor on another host sees: nothing listens at the Gateway's address.
-    # The Gateway closes its socket but stays the session's Gateway (private parts,
-    # on purpose: there is no public way to make a live Gateway unreachable).
-    import socket
+    # The Gateway closes its socket but stays the session's Gateway.
     from workerbridge.api import _gateway
-    gw = _gateway(spark)
-    gw._server.shutdown(socket.SHUT_RDWR)    # wakes the blocked accept(); close() alone
-    gw._server.close()                       # leaves it to take one more connection
-    for conn in list(gw._conns):
-        conn.shutdown(socket.SHUT_RDWR)
+    _gateway(spark).stop_listening()
     before = len(spark_log(spark, n=None))
     try:
         table = spark_apply(df, double, schema=CASES["python schema"][1]).toArrow()

@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import socket
 import tempfile
+import warnings
 from typing import Any, Callable, Optional, Union
 
 import cloudpickle
@@ -20,6 +22,7 @@ from . import __version__, _bootstrap
 from .closure import R, R_LANG, pack
 from .errors import BadInputError
 from .gateway import Gateway
+from .privatefiles import user_dir
 from .runtime import Runtime
 from .supervise import parse_bytes
 from .schema import arrow_to_struct, spark_arrow_schema, to_struct
@@ -337,7 +340,57 @@ def _gateway(spark) -> Gateway:
         server = None if key.startswith("connect-") else spark.conf.get("spark.local.dir", None)
         local = (server or tempfile.gettempdir()).split(",")[0]
         os.makedirs(local, exist_ok=True)
-        return os.path.join(local, f"workerbridge-{key}.log")
+        try:
+            return os.path.join(user_dir(local), f"workerbridge-{key}.log")
+        except OSError as e:
+            warnings.warn(f"workerbridge: no log file: {e}", stacklevel=3)
+            return None
 
-    max_lines = int(spark.conf.get(CONF_PREFIX + "log.maxLines", "100000"))
-    return Gateway.for_key(key, path, max_lines)
+    def make() -> Gateway:
+        bind, advertise = gateway_address(spark, key)
+        return Gateway(path(), int(spark.conf.get(CONF_PREFIX + "log.maxLines", "100000")),
+                       host=bind, port=int(spark.conf.get(CONF_PREFIX + "gateway.port", "0")),
+                       max_bytes=parse_bytes(spark.conf.get(CONF_PREFIX + "log.maxBytes", "64m")),
+                       advertise=advertise)
+
+    return Gateway.for_key(key, make)
+
+
+def gateway_address(spark, key: str) -> tuple[str, str]:
+    """(address the Gateway binds, address Workers dial).
+
+    ``spark.workerbridge.gateway.host`` wins; a local master keeps to 127.0.0.1; otherwise
+    the addresses Spark itself gives executors for the driver (``spark.driver.bindAddress``
+    and ``spark.driver.host``).  A Spark Connect client uses its own address on the
+    route to the server (the server's driver address is not this process's)."""
+    configured = spark.conf.get(CONF_PREFIX + "gateway.host", None)
+    if configured:
+        return configured, configured
+    if key.startswith("connect-"):
+        own = _address_towards(_connect_host(spark))
+        return own, own
+    master = str(spark.conf.get("spark.master", "local"))
+    if master.startswith("local"):
+        return "127.0.0.1", "127.0.0.1"
+    host = spark.conf.get("spark.driver.host", None) or socket.gethostname()
+    bind = spark.conf.get("spark.driver.bindAddress", None) or host
+    return bind, host
+
+
+def _connect_host(spark) -> Optional[str]:
+    try:
+        return str(spark.client.host).strip("[]")   # the Connect server this client dials
+    except AttributeError:
+        return None
+
+
+def _address_towards(host: Optional[str]) -> str:
+    """This machine's address on the route to ``host`` (127.0.0.1 for a local one)."""
+    if not host or host in ("localhost", "127.0.0.1", "::1"):
+        return "127.0.0.1"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, 9))            # a UDP connect sends nothing; it picks a route
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"

@@ -100,6 +100,19 @@ def pack_header(msg_type: int, length: int) -> bytes:
     return _HEADER.pack(msg_type, length)
 
 
+def unpack_header(header: bytes, max_bytes: int = MAX_FRAME_BYTES) -> tuple[int, int]:
+    """(message type, payload length) of an 8-byte header; refuse unknown types and
+    lengths above ``max_bytes``."""
+    msg_type, length = _HEADER.unpack(header)
+    if msg_type not in MESSAGE_NAMES:
+        raise ProtocolError(f"unknown message type {msg_type} (header {header.hex()})")
+    if length > max_bytes:
+        raise ProtocolError(
+            f"{MESSAGE_NAMES[msg_type]} frame announces {length} bytes; "
+            f"the bound here is {max_bytes}")
+    return msg_type, length
+
+
 def read_exact(stream: BinaryIO, n: int) -> bytes:
     """Read exactly ``n`` bytes from a file-like ``stream``; :class:`PeerClosed` on EOF."""
     data = stream.read(n)
@@ -128,14 +141,7 @@ def send_json(sock: socket.socket, msg_type: int, obj: Any) -> None:
 
 def recv_frame(stream: BinaryIO, max_bytes: int = MAX_FRAME_BYTES) -> tuple[int, bytes]:
     """Read one frame; refuse unknown types and lengths above ``max_bytes``."""
-    header = read_exact(stream, HEADER_BYTES)
-    msg_type, length = _HEADER.unpack(header)
-    if msg_type not in MESSAGE_NAMES:
-        raise ProtocolError(f"unknown message type {msg_type} (header {header.hex()})")
-    if length > max_bytes:
-        raise ProtocolError(
-            f"{MESSAGE_NAMES[msg_type]} frame announces {length} bytes; "
-            f"the bound here is {max_bytes}")
+    msg_type, length = unpack_header(read_exact(stream, HEADER_BYTES), max_bytes)
     return msg_type, read_exact(stream, length) if length else b""
 
 

@@ -153,6 +153,7 @@ class Worker:
             yield from self._run(first, it)
         except TaskError as e:
             self.log.write("Worker", f"partition {self.partition} failed: {e.what}", "ERROR")
+            e.attach_log(self.log.kept())
             raise
         finally:
             self.log.flush()
