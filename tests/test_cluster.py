@@ -365,11 +365,12 @@ print("RESULT " + json.dumps(out), flush=True)
 '''
 
 
-def run_client(cfg: dict, workdir: Path, timeout: float = 240, env: Optional[dict] = None) -> dict:
-    """Run ``CLIENT`` with ``cfg`` in a subprocess; its JSON result."""
+def run_client(cfg: dict, workdir: Path, timeout: float = 240, env: Optional[dict] = None,
+               script: str = CLIENT) -> dict:
+    """Run ``script`` (``CLIENT`` by default) with ``cfg`` in a subprocess; its JSON result."""
     workdir.mkdir(parents=True, exist_ok=True)
-    script = workdir / "client.py"
-    script.write_text(CLIENT)
+    code, script = script, workdir / "client.py"
+    script.write_text(code)
     cfg = {"rows": ROWS, "partitions": PARTITIONS, **cfg}
     proc = subprocess.run([DRIVER_PYTHON, str(script), json.dumps(cfg)], cwd=str(workdir),
                           env=clean_env(**(env or {})), capture_output=True, text=True,

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Union
 
 import cloudpickle
 
-from . import __version__, _bootstrap
+from . import __version__, _bootstrap, sparklogs
 from .closure import R, R_LANG, pack
 from .errors import BadInputError
 from .gateway import Gateway
@@ -124,12 +124,13 @@ def spark_apply(df, f: Union[Callable, R], schema: Any = None, **options: Any):
         reuse=_flag("reuse", opts["reuse"]), idle_timeout=float(opts["idle_timeout"]),
         env=dict(opts["env"] or {}))
     gateway = _gateway(spark)
+    address = dataclasses.replace(gateway.address, spark_worker_logs=sparklogs.enabled(spark))
     from .progress import attach as _attach_progress
     _attach_progress(gateway, spark, opts["progress"])
     runtime = Runtime.collect(with_r=closure.language == R_LANG)
     name = opts["name"]
     if schema is None:
-        base = TaskSpec(closure, runtime, None, gateway.address, worker_options, name)
+        base = TaskSpec(closure, runtime, None, address, worker_options, name)
         struct = _infer(df, base, int(opts["sample_rows"]))
     else:
         struct = to_struct(spark, schema)
@@ -143,7 +144,7 @@ def spark_apply(df, f: Union[Callable, R], schema: Any = None, **options: Any):
     # The task carries the package's files itself (compressed), so the spec
     # inside it names only their digest.
     spec = TaskSpec(closure, Runtime({}, runtime.digest),
-                    spark_arrow_schema(struct, large == "true"), gateway.address,
+                    spark_arrow_schema(struct, large == "true"), address,
                     worker_options, name)
     task = _bootstrap.make_task(runtime.blob(), runtime.digest, __version__,
                                 cloudpickle.dumps(spec), opts["barrier"])
@@ -162,7 +163,11 @@ def spark_log(spark=None, filter: Optional[str] = None, n: Optional[int] = 100) 
     """
     spark = spark or _active_session()
     gw = Gateway.existing(_session_key(spark))
-    return [] if gw is None else gw.lines(filter=filter, n=n)
+    events = [] if gw is None else gw.events()
+    if sparklogs.enabled(spark):        # Spark 4.1+: lines from executors no Gateway hears
+        events = sparklogs.merge(events, sparklogs.worker_lines(spark))
+    found = [ln for _, ln in events if filter is None or filter in ln]
+    return found if n is None else found[-n:] if n > 0 else []
 
 
 def log_path(spark=None) -> Optional[str]:

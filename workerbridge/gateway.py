@@ -67,7 +67,8 @@ class Gateway:
         self._store: collections.deque = collections.deque()   # (arrival time, line)
         self._lock = threading.Lock()
         self._listeners: list[Callable[[str], None]] = []
-        self._pending = 0
+        self._pending: collections.OrderedDict = collections.OrderedDict()  # in handshake
+        self._writers: set = set()                                          # every connection
         self._stopped = threading.Event()
         self.log_path, self._file, why_no_file = self._open_file(log_path)
         self._loop = asyncio.new_event_loop()
@@ -138,20 +139,22 @@ class Gateway:
 
     # ---- the server (coroutines on the Gateway's loop) ----------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
         try:
-            if self._pending >= MAX_UNAUTHENTICATED:
-                self._refuse(f"a connection: {MAX_UNAUTHENTICATED} others are still "
-                             "authenticating")
-                return
-            self._pending += 1
+            if len(self._pending) >= MAX_UNAUTHENTICATED:
+                # the oldest goes: a Worker's handshake takes a round trip, a stall all of it
+                self._pending.popitem(last=False)[0].transport.abort()
+            self._pending[writer] = None
             try:
                 why = await asyncio.wait_for(self._handshake(reader, writer), HANDSHAKE_S)
             except asyncio.TimeoutError:
                 why = f"a connection that did not authenticate within {HANDSHAKE_S:g} s"
             except (OSError, P.ProtocolError, asyncio.IncompleteReadError):
-                why = "a connection that did not authenticate"
+                why = "a connection that did not authenticate" + (
+                    "" if writer in self._pending else
+                    f" (dropped: {MAX_UNAUTHENTICATED} newer ones were authenticating)")
             finally:
-                self._pending -= 1
+                self._pending.pop(writer, None)
             if why:
                 self._refuse(why)
                 return
@@ -162,6 +165,7 @@ class Gateway:
             if not self._stopped.is_set():
                 self.log(f"closed a Worker connection: {e}", "WARN")
         finally:
+            self._writers.discard(writer)
             writer.close()
 
     async def _handshake(self, reader, writer) -> Optional[str]:
@@ -220,9 +224,8 @@ class Gateway:
         """Close the server socket and every connection; lines already held stay."""
         async def close() -> None:
             self._server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
+            for writer in list(self._writers):     # each reader ends at once, cleanly
+                writer.transport.abort()
 
         if self._loop.is_running():
             asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)

@@ -220,12 +220,15 @@ class LogSink:
         """From now on, stderr.  ``unsure``: lines already sent may not have arrived,
         so the kept ones go to stderr too (a line twice beats a line lost)."""
         self._conn = None
-        if self.address is not None and _Connection.failed(self.address):
-            self._emit(format_line("Worker", self.ident, why + f" (said once per process; "
-                                   f"retried after {RETRY_AFTER_S:g} s)", "WARN"))
         if unsure:
             for line in self.kept():
                 sys.stderr.write(line + "\n")
+        if self.address is not None and _Connection.failed(self.address):
+            line = format_line("Worker", self.ident, why + f" (said once per process; "
+                               f"retried after {RETRY_AFTER_S:g} s)", "WARN")
+            if self._spark is not None:
+                self._spark.info(line)
+            self._emit(line)
 
     def _emit(self, line: str) -> None:
         """A line to stderr, and kept."""
