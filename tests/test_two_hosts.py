@@ -142,7 +142,7 @@ def two_hosts(tmp_path_factory):
 def client(hosts: TwoHosts, python: str, tmp: Path, cfg: dict, **conf: str) -> dict:
     return run_client({"conf": hosts.conf(python, tmp, **conf), "master": hosts.url, **cfg},
                       tmp, env={"PYSPARK_PYTHON": python, "SPARK_LOCAL_IP": hosts.driver_ip},
-                      timeout=420, script=CLIENT_CODE)
+                      timeout=900, script=CLIENT_CODE)
 
 
 def assert_every_task_logged(tasks: dict, partitions: int, rows: int, what: str) -> None:
@@ -155,11 +155,17 @@ def assert_every_task_logged(tasks: dict, partitions: int, rows: int, what: str)
     assert sum(ts[0]["rows"] for ts in tasks.values()) == rows, what
 
 
-def test_both_languages_log_to_the_driver_from_another_host(two_hosts, executor_python,
-                                                            tmp_path):
-    res = client(two_hosts, executor_python, tmp_path / "c",
-                 {"app": "wb-two-hosts", "languages": ["python", "r"], "rows": 4000,
-                  "partitions": 4, "failing": True})
+@pytest.fixture(scope="module")
+def reachable(two_hosts, executor_python, tmp_path_factory) -> dict:
+    """One application (a driver's JVM costs ~20 s here): both languages, a failing task,
+    then the load."""
+    return client(two_hosts, executor_python, tmp_path_factory.mktemp("reachable"),
+                  {"app": "wb-two-hosts", "languages": ["python", "r"], "rows": 4000,
+                   "partitions": 4, "failing": True, "load": 200})
+
+
+def test_both_languages_log_to_the_driver_from_another_host(two_hosts, reachable):
+    res = reachable
     for lang in ("python", "r"):
         case = res[lang]
         assert case["rows"] == 4000 and case["exact"], (lang, case["rows"])
@@ -205,9 +211,8 @@ def test_unroutable_gateway_keeps_rows_and_lines(two_hosts, executor_python, tmp
     assert python_workers
 
 
-def test_load_400_tasks_two_jobs_every_line_delivered(two_hosts, executor_python, tmp_path):
-    res = client(two_hosts, executor_python, tmp_path / "c",
-                 {"app": "wb-two-hosts-load", "load": 200}, **{"spark.workerbridge.reuse": "true"})
+def test_load_400_tasks_two_jobs_every_line_delivered(two_hosts, reachable, tmp_path):
+    res = reachable
     load = res["load"]
     (tmp_path / "load.json").write_text(json.dumps(load, indent=1))
     print("two-host load:", json.dumps({k: v for k, v in load.items() if k != "tasks"}))
