@@ -20,7 +20,7 @@ import re
 
 
 def kind_of(stack: str) -> str:
-    if "workerbridge.child_python" in stack:
+    if "workerbridge.child.python" in stack:
         return "PyScript child"
     if "pyspark.daemon" in stack:
         return "Spark Python worker"

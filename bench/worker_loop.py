@@ -22,11 +22,12 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from workerbridge.closure import R, pack
-from workerbridge.gateway import Gateway
-from workerbridge.pool import POOL
-from workerbridge.runtime import Runtime
-from workerbridge.worker import TaskSpec, Worker, WorkerOptions
+from workerbridge.driver.closure import R, pack
+from workerbridge.driver.gateway import Gateway
+from workerbridge.task.pool import POOL
+from workerbridge.task.runtime import Runtime
+from workerbridge.task.spec import TaskSpec, WorkerOptions
+from workerbridge.task.worker import Worker
 
 
 def partition(rows: int) -> pa.Table:
@@ -51,13 +52,15 @@ def main() -> None:
     f = R("function(d) d") if args.lang == "r" else (lambda d: d)
     gw = Gateway(log_path=None)
     env = dict(kv.split("=", 1) for kv in args.env)
-    spec = TaskSpec(pack(f), Runtime.collect(args.lang == "r"), table.schema, gw.address,
+    runtime = Runtime.collect(args.lang == "r")
+    root = str(runtime.materialize())
+    spec = TaskSpec(pack(f), runtime.digest, table.schema, gw.address,
                     WorkerOptions(reuse=True, env=env))
     times = []
     try:
         for i in range(args.tasks):
             t0 = time.perf_counter()
-            rows = sum(b.num_rows for b in Worker(spec, 0, f"loop-{i}").run(iter(batches)))
+            rows = sum(b.num_rows for b in Worker(spec, 0, f"loop-{i}", root=root).run(iter(batches)))
             times.append(time.perf_counter() - t0)
             assert rows == args.rows
     finally:

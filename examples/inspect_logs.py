@@ -15,8 +15,8 @@ from local_spark import local_spark  # noqa: E402
 
 import workerbridge  # noqa: E402
 from workerbridge import spark_apply, spark_log  # noqa: E402
-from workerbridge.api import log_path  # noqa: E402
-from workerbridge.logs import parse_line  # noqa: E402
+from workerbridge.driver.api import log_path  # noqa: E402
+from workerbridge.wire.logline import parse_line  # noqa: E402
 
 
 def main() -> None:

@@ -90,7 +90,7 @@ local({
     if (!is.null(welcome$protocol) && !identical(as.integer(welcome$protocol), WB_PROTOCOL_VERSION))
       stop(wb_protocol_error(sprintf("the worker speaks protocol %s, this child %d",
                                      format(welcome$protocol), WB_PROTOCOL_VERSION)))
-    log_msg("is connected to backend")
+    log_msg(wb_lifecycle("connected"))
     out$flush()
   }, error = function(e) {
     if (inherits(e, "wb_peer_closed"))
@@ -420,8 +420,8 @@ local({
       return(invisible(FALSE))
     }
     rows_in <- .row_names_info(df, 2L)
-    log_msg(sprintf("retrieved %d rows", rows_in))
-    log_msg(sprintf("retrieved %d column names", length(df)))
+    log_msg(wb_lifecycle("retrieved", rows = rows_in))
+    log_msg(wb_lifecycle("columns", columns = length(df)))
     # A large input means a closure that likely runs long: let the logs out now.
     # (Small tasks keep everything in one write at the end: no Nagle stall.)
     if (rows_in * max(1L, length(df)) >= 100000) out$flush()
@@ -544,11 +544,11 @@ local({
                                   row.names = integer(0)))
       writer$close()
     }
-    log_msg(sprintf("retrieved %.0f rows", st$rows_in))
-    log_msg(sprintf("retrieved %d column names", length(got$names)))
-    log_msg(sprintf("applied closure to %.0f rows in %d batches", st$rows_in, st$batches))
-    log_msg(sprintf("returned %.0f rows", st$rows_out))
-    log_msg("finished")
+    log_msg(wb_lifecycle("retrieved", rows = st$rows_in))
+    log_msg(wb_lifecycle("columns", columns = length(got$names)))
+    log_msg(wb_lifecycle("applied", rows = st$rows_in, detail = sprintf(" in %d batches", st$batches)))
+    log_msg(wb_lifecycle("returned", rows = st$rows_out))
+    log_msg(wb_lifecycle("finished"))
     wb_send_json(out$write, "DONE", list(rows_in = st$rows_in, rows_out = st$rows_out))
     return(invisible(TRUE))
   }
@@ -573,8 +573,8 @@ local({
     send_error(closure_failure(result))
     return(invisible(FALSE))
   }
-  log_msg(if (length(group_by)) sprintf("applied closure to %d rows in %d groups", rows_in, length(units))
-          else sprintf("applied closure to %d rows", rows_in))
+  log_msg(wb_lifecycle("applied", rows = rows_in,
+                       detail = if (length(group_by)) sprintf(" in %d groups", length(units)) else ""))
 
   prep <- tryCatch({
     frames <- lapply(result, wb_as_frame)
@@ -596,10 +596,10 @@ local({
     return(invisible(FALSE))
   }
   rows_out <- prep$nrow
-  log_msg(sprintf("returned %d rows", rows_out))
+  log_msg(wb_lifecycle("returned", rows = rows_out))
   wb_send_frame(out$write, "OUTPUT")
   wb_nojit(arrow_write_stream(prep, out$write, batch_rows = batch_rows))
-  log_msg("finished")
+  log_msg(wb_lifecycle("finished"))
   wb_send_json(out$write, "DONE", list(rows_in = rows_in, rows_out = rows_out))
   invisible(TRUE)
 }

@@ -37,6 +37,31 @@ WB_MESSAGE_TYPES <- c(
   BYE = 11L
 )
 
+# The lifecycle vocabulary: the lines a child writes about its task, with
+# {field} placeholders.  workerbridge/wire/lifecycle.py holds the same templates
+# (and the parsers that read them back); a test holds the two equal.
+WB_LIFECYCLE <- c(
+  connected = "is connected to backend",
+  loaded = "loaded closure {digest} ({size} bytes)",
+  retrieved = "retrieved {rows} rows",
+  columns = "retrieved {columns} column names",
+  applied = "applied closure to {rows} rows{detail}",
+  returned = "returned {rows} rows",
+  finished = "finished"
+)
+
+# The text of lifecycle line `name`; numbers are written in full (no 1e+05).
+wb_lifecycle <- function(name, ...) {
+  text <- WB_LIFECYCLE[[name]]
+  fields <- list(...)
+  for (f in names(fields)) {
+    v <- fields[[f]]
+    if (is.numeric(v)) v <- format(v, scientific = FALSE, trim = TRUE)
+    text <- gsub(paste0("{", f, "}"), v, text, fixed = TRUE)
+  }
+  text
+}
+
 WB_HEADER_BYTES <- 8L
 WB_MAX_AUTH_BYTES <- 1024L          # bound on any frame before the secret checks out
 WB_MAX_FRAME_BYTES <- 1073741824    # bound on any frame after (1 GiB), 2^30
@@ -333,165 +358,186 @@ wb_json_decode <- function(txt, simplify = TRUE) {
   txt <- enc2utf8(txt)
   cp <- utf8ToInt(txt)
   if (length(cp) == 1L && is.na(cp)) stop("JSON text is not valid UTF-8")
-  n <- length(cp)
-  specials <- which(cp == 34L | cp == 92L)   # '"' and '\'
-  st <- new.env(parent = emptyenv())
-  st$i <- 1L
-
-  fail <- function(what) {
-    i <- st$i
-    ctx <- if (i <= n) intToUtf8(cp[i:min(n, i + 20L)]) else "<end of text>"
-    stop(sprintf("JSON parse error at character %d: %s (near '%s')", i, what, ctx), call. = FALSE)
-  }
-  skip_ws <- function() {
-    i <- st$i
-    while (i <= n && (cp[i] == 32L || cp[i] == 10L || cp[i] == 13L || cp[i] == 9L)) i <- i + 1L
-    st$i <- i
-  }
-  parse_string <- function() {
-    # st$i points at the opening quote
-    i <- st$i + 1L
-    parts <- character(0)
-    repeat {
-      k <- specials[findInterval(i - 1L, specials) + 1L]   # first special >= i
-      if (is.na(k) || length(k) == 0L) { st$i <- n + 1L; fail("unterminated string") }
-      if (k > i) {
-        seg <- cp[i:(k - 1L)]
-        if (any(seg < 32L)) { st$i <- i; fail("control character in string") }
-        parts[length(parts) + 1L] <- intToUtf8(seg)
-      }
-      if (cp[k] == 34L) { st$i <- k + 1L; break }
-      # backslash escape
-      if (k + 1L > n) { st$i <- k; fail("unterminated escape") }
-      e <- cp[k + 1L]
-      if (e == 117L) {                                    # \uXXXX
-        code <- hex4(k + 2L)
-        nxt <- k + 6L
-        if (code >= 0xD800 && code <= 0xDBFF) {
-          if (nxt + 5L <= n && cp[nxt] == 92L && cp[nxt + 1L] == 117L) {
-            lo <- hex4(nxt + 2L)
-            if (lo >= 0xDC00 && lo <= 0xDFFF) {
-              code <- 0x10000 + (code - 0xD800) * 1024 + (lo - 0xDC00)
-              nxt <- nxt + 6L
-            } else code <- 0xFFFD
-          } else code <- 0xFFFD
-        } else if (code >= 0xDC00 && code <= 0xDFFF) code <- 0xFFFD
-        if (code == 0) { st$i <- k; fail("\\u0000 cannot be represented in an R string") }
-        parts[length(parts) + 1L] <- intToUtf8(code)
-        i <- nxt
-      } else {
-        ch <- switch(intToUtf8(e),
-                     "\"" = "\"", "\\" = "\\", "/" = "/", "b" = "\b", "f" = "\f",
-                     "n" = "\n", "r" = "\r", "t" = "\t",
-                     { st$i <- k; fail("invalid escape") })
-        parts[length(parts) + 1L] <- ch
-        i <- k + 2L
-      }
-    }
-    s <- paste(parts, collapse = "")
-    Encoding(s) <- "UTF-8"
-    s
-  }
-  hex4 <- function(p) {
-    if (p + 3L > n) { st$i <- p; fail("truncated \\u escape") }
-    h <- intToUtf8(cp[p:(p + 3L)])
-    if (!grepl("^[0-9A-Fa-f]{4}$", h)) { st$i <- p; fail("invalid \\u escape") }
-    strtoi(h, 16L)
-  }
-  parse_number <- function() {
-    i <- st$i
-    j <- i
-    while (j <= n && (cp[j] >= 48L && cp[j] <= 57L || cp[j] == 45L || cp[j] == 43L ||
-                      cp[j] == 46L || cp[j] == 101L || cp[j] == 69L)) j <- j + 1L
-    s <- intToUtf8(cp[i:(j - 1L)])
-    if (!grepl("^-?(0|[1-9][0-9]*)(\\.[0-9]+)?([eE][+-]?[0-9]+)?$", s)) fail("invalid number")
-    st$i <- j
-    v <- as.numeric(s)
-    if (!grepl("[.eE]", s) && abs(v) <= 2147483647) as.integer(v) else v
-  }
-  literal <- function(word, value) {
-    w <- utf8ToInt(word)
-    m <- length(w)
-    if (st$i + m - 1L > n || any(cp[st$i:(st$i + m - 1L)] != w)) fail("invalid literal")
-    st$i <- st$i + m
-    value
-  }
-  parse_value <- function() {
-    skip_ws()
-    if (st$i > n) fail("unexpected end of text")
-    ch <- cp[st$i]
-    if (ch == 123L) return(parse_object())
-    if (ch == 91L) return(parse_array())
-    if (ch == 34L) return(parse_string())
-    if (ch == 116L) return(literal("true", TRUE))
-    if (ch == 102L) return(literal("false", FALSE))
-    if (ch == 110L) return(literal("null", NULL))
-    if (ch == 45L || (ch >= 48L && ch <= 57L)) return(parse_number())
-    fail("unexpected character")
-  }
-  parse_object <- function() {
-    st$i <- st$i + 1L
-    keys <- character(0)
-    vals <- list()
-    skip_ws()
-    if (st$i <= n && cp[st$i] == 125L) {
-      st$i <- st$i + 1L
-      return(structure(list(), names = character(0)))
-    }
-    repeat {
-      skip_ws()
-      if (st$i > n || cp[st$i] != 34L) fail("expected a string key")
-      key <- parse_string()
-      skip_ws()
-      if (st$i > n || cp[st$i] != 58L) fail("expected ':'")
-      st$i <- st$i + 1L
-      v <- parse_value()
-      idx <- length(keys) + 1L
-      keys[idx] <- key
-      vals[idx] <- list(v)
-      skip_ws()
-      if (st$i > n) fail("unterminated object")
-      if (cp[st$i] == 44L) { st$i <- st$i + 1L; next }
-      if (cp[st$i] == 125L) { st$i <- st$i + 1L; break }
-      fail("expected ',' or '}'")
-    }
-    names(vals) <- keys
-    vals
-  }
-  parse_array <- function() {
-    st$i <- st$i + 1L
-    vals <- list()
-    skip_ws()
-    if (st$i <= n && cp[st$i] == 93L) { st$i <- st$i + 1L; return(list()) }
-    repeat {
-      v <- parse_value()
-      vals[length(vals) + 1L] <- list(v)
-      skip_ws()
-      if (st$i > n) fail("unterminated array")
-      if (cp[st$i] == 44L) { st$i <- st$i + 1L; next }
-      if (cp[st$i] == 93L) { st$i <- st$i + 1L; break }
-      fail("expected ',' or ']'")
-    }
-    if (simplify) simplify_array(vals) else vals
-  }
-  simplify_array <- function(vals) {
-    isnull <- vapply(vals, is.null, TRUE)
-    if (all(isnull)) return(vals)
-    nn <- vals[!isnull]
-    scalar <- vapply(nn, function(v) is.atomic(v) && length(v) == 1L && !inherits(v, "AsIs"), TRUE)
-    if (!all(scalar)) return(vals)
-    kinds <- vapply(nn, function(v) if (is.numeric(v)) "n" else typeof(v), "")
-    if (length(unique(kinds)) != 1L) return(vals)
-    kind <- kinds[1L]
-    na <- switch(kind, n = NA, character = NA_character_, logical = NA)
-    vals[isnull] <- list(na)
-    out <- unlist(vals, use.names = FALSE)
-    if (length(out) == 1L) out <- I(out)
-    out
-  }
-
-  value <- parse_value()
-  skip_ws()
-  if (st$i <= n) fail("trailing characters after the JSON value")
+  # the parser's state: the code points, where '"' and '\' are, and the position
+  ps <- new.env(parent = emptyenv())
+  ps$cp <- cp
+  ps$n <- length(cp)
+  ps$specials <- which(cp == 34L | cp == 92L)
+  ps$i <- 1L
+  ps$simplify <- simplify
+  value <- .wbj_value(ps)
+  .wbj_skip_ws(ps)
+  if (ps$i <= ps$n) .wbj_fail(ps, "trailing characters after the JSON value")
   value
+}
+
+.wbj_fail <- function(ps, what) {
+  i <- ps$i
+  ctx <- if (i <= ps$n) intToUtf8(ps$cp[i:min(ps$n, i + 20L)]) else "<end of text>"
+  stop(sprintf("JSON parse error at character %d: %s (near '%s')", i, what, ctx), call. = FALSE)
+}
+
+.wbj_skip_ws <- function(ps) {
+  cp <- ps$cp
+  n <- ps$n
+  i <- ps$i
+  while (i <= n && (cp[i] == 32L || cp[i] == 10L || cp[i] == 13L || cp[i] == 9L)) i <- i + 1L
+  ps$i <- i
+}
+
+.wbj_value <- function(ps) {
+  .wbj_skip_ws(ps)
+  if (ps$i > ps$n) .wbj_fail(ps, "unexpected end of text")
+  ch <- ps$cp[ps$i]
+  if (ch == 123L) return(.wbj_object(ps))
+  if (ch == 91L) return(.wbj_array(ps))
+  if (ch == 34L) return(.wbj_string(ps))
+  if (ch == 116L) return(.wbj_literal(ps, "true", TRUE))
+  if (ch == 102L) return(.wbj_literal(ps, "false", FALSE))
+  if (ch == 110L) return(.wbj_literal(ps, "null", NULL))
+  if (ch == 45L || (ch >= 48L && ch <= 57L)) return(.wbj_number(ps))
+  .wbj_fail(ps, "unexpected character")
+}
+
+# A string; ps$i points at the opening quote.  Runs between escapes are taken
+# whole (the next '"' or '\' is found by findInterval over ps$specials).
+.wbj_string <- function(ps) {
+  cp <- ps$cp
+  i <- ps$i + 1L
+  parts <- character(0)
+  repeat {
+    k <- ps$specials[findInterval(i - 1L, ps$specials) + 1L]   # first special >= i
+    if (is.na(k) || length(k) == 0L) { ps$i <- ps$n + 1L; .wbj_fail(ps, "unterminated string") }
+    if (k > i) {
+      seg <- cp[i:(k - 1L)]
+      if (any(seg < 32L)) { ps$i <- i; .wbj_fail(ps, "control character in string") }
+      parts[length(parts) + 1L] <- intToUtf8(seg)
+    }
+    if (cp[k] == 34L) { ps$i <- k + 1L; break }
+    if (k + 1L > ps$n) { ps$i <- k; .wbj_fail(ps, "unterminated escape") }
+    esc <- .wbj_escape(ps, k)
+    parts[length(parts) + 1L] <- esc$text
+    i <- esc$next_i
+  }
+  s <- paste(parts, collapse = "")
+  Encoding(s) <- "UTF-8"
+  s
+}
+
+# The escape at position k (a backslash): list(text, next_i).
+.wbj_escape <- function(ps, k) {
+  cp <- ps$cp
+  e <- cp[k + 1L]
+  if (e != 117L) {
+    ch <- switch(intToUtf8(e),
+                 "\"" = "\"", "\\" = "\\", "/" = "/", "b" = "\b", "f" = "\f",
+                 "n" = "\n", "r" = "\r", "t" = "\t",
+                 { ps$i <- k; .wbj_fail(ps, "invalid escape") })
+    return(list(text = ch, next_i = k + 2L))
+  }
+  code <- .wbj_hex4(ps, k + 2L)                          # \uXXXX
+  nxt <- k + 6L
+  if (code >= 0xD800 && code <= 0xDBFF) {
+    if (nxt + 5L <= ps$n && cp[nxt] == 92L && cp[nxt + 1L] == 117L) {
+      lo <- .wbj_hex4(ps, nxt + 2L)
+      if (lo >= 0xDC00 && lo <= 0xDFFF) {
+        code <- 0x10000 + (code - 0xD800) * 1024 + (lo - 0xDC00)
+        nxt <- nxt + 6L
+      } else code <- 0xFFFD
+    } else code <- 0xFFFD
+  } else if (code >= 0xDC00 && code <= 0xDFFF) code <- 0xFFFD
+  if (code == 0) { ps$i <- k; .wbj_fail(ps, "\\u0000 cannot be represented in an R string") }
+  list(text = intToUtf8(code), next_i = nxt)
+}
+
+.wbj_hex4 <- function(ps, p) {
+  if (p + 3L > ps$n) { ps$i <- p; .wbj_fail(ps, "truncated \\u escape") }
+  h <- intToUtf8(ps$cp[p:(p + 3L)])
+  if (!grepl("^[0-9A-Fa-f]{4}$", h)) { ps$i <- p; .wbj_fail(ps, "invalid \\u escape") }
+  strtoi(h, 16L)
+}
+
+.wbj_number <- function(ps) {
+  cp <- ps$cp
+  i <- ps$i
+  j <- i
+  while (j <= ps$n && (cp[j] >= 48L && cp[j] <= 57L || cp[j] == 45L || cp[j] == 43L ||
+                       cp[j] == 46L || cp[j] == 101L || cp[j] == 69L)) j <- j + 1L
+  s <- intToUtf8(cp[i:(j - 1L)])
+  if (!grepl("^-?(0|[1-9][0-9]*)(\\.[0-9]+)?([eE][+-]?[0-9]+)?$", s)) .wbj_fail(ps, "invalid number")
+  ps$i <- j
+  v <- as.numeric(s)
+  if (!grepl("[.eE]", s) && abs(v) <= 2147483647) as.integer(v) else v
+}
+
+.wbj_literal <- function(ps, word, value) {
+  w <- utf8ToInt(word)
+  m <- length(w)
+  if (ps$i + m - 1L > ps$n || any(ps$cp[ps$i:(ps$i + m - 1L)] != w)) .wbj_fail(ps, "invalid literal")
+  ps$i <- ps$i + m
+  value
+}
+
+.wbj_object <- function(ps) {
+  ps$i <- ps$i + 1L
+  keys <- character(0)
+  vals <- list()
+  .wbj_skip_ws(ps)
+  if (ps$i <= ps$n && ps$cp[ps$i] == 125L) {
+    ps$i <- ps$i + 1L
+    return(structure(list(), names = character(0)))
+  }
+  repeat {
+    .wbj_skip_ws(ps)
+    if (ps$i > ps$n || ps$cp[ps$i] != 34L) .wbj_fail(ps, "expected a string key")
+    key <- .wbj_string(ps)
+    .wbj_skip_ws(ps)
+    if (ps$i > ps$n || ps$cp[ps$i] != 58L) .wbj_fail(ps, "expected ':'")
+    ps$i <- ps$i + 1L
+    v <- .wbj_value(ps)
+    idx <- length(keys) + 1L
+    keys[idx] <- key
+    vals[idx] <- list(v)
+    .wbj_skip_ws(ps)
+    if (ps$i > ps$n) .wbj_fail(ps, "unterminated object")
+    if (ps$cp[ps$i] == 44L) { ps$i <- ps$i + 1L; next }
+    if (ps$cp[ps$i] == 125L) { ps$i <- ps$i + 1L; break }
+    .wbj_fail(ps, "expected ',' or '}'")
+  }
+  names(vals) <- keys
+  vals
+}
+
+.wbj_array <- function(ps) {
+  ps$i <- ps$i + 1L
+  vals <- list()
+  .wbj_skip_ws(ps)
+  if (ps$i <= ps$n && ps$cp[ps$i] == 93L) { ps$i <- ps$i + 1L; return(list()) }
+  repeat {
+    v <- .wbj_value(ps)
+    vals[length(vals) + 1L] <- list(v)
+    .wbj_skip_ws(ps)
+    if (ps$i > ps$n) .wbj_fail(ps, "unterminated array")
+    if (ps$cp[ps$i] == 44L) { ps$i <- ps$i + 1L; next }
+    if (ps$cp[ps$i] == 93L) { ps$i <- ps$i + 1L; break }
+    .wbj_fail(ps, "expected ',' or ']'")
+  }
+  if (ps$simplify) .wbj_simplify(vals) else vals
+}
+
+# An array of scalars of one kind as an atomic vector (null -> NA); a single
+# element wrapped in I() so that the encoder writes it back as an array.
+.wbj_simplify <- function(vals) {
+  isnull <- vapply(vals, is.null, TRUE)
+  if (all(isnull)) return(vals)
+  nn <- vals[!isnull]
+  scalar <- vapply(nn, function(v) is.atomic(v) && length(v) == 1L && !inherits(v, "AsIs"), TRUE)
+  if (!all(scalar)) return(vals)
+  kinds <- vapply(nn, function(v) if (is.numeric(v)) "n" else typeof(v), "")
+  if (length(unique(kinds)) != 1L) return(vals)
+  na <- switch(kinds[1L], n = NA, character = NA_character_, logical = NA)
+  vals[isnull] <- list(na)
+  out <- unlist(vals, use.names = FALSE)
+  if (length(out) == 1L) out <- I(out)
+  out
 }

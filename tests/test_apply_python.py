@@ -12,8 +12,8 @@ import pyarrow as pa
 import pytest
 
 from workerbridge import spark_apply, spark_log
-from workerbridge.errors import BadInputError
-from workerbridge.logs import parse_line
+from workerbridge.wire.errors import BadInputError
+from workerbridge.wire.logline import parse_line
 
 
 def typed_frame(n: int = 60) -> pd.DataFrame:
@@ -225,7 +225,7 @@ def test_log_lines_follow_the_format(spark):
 
 
 def test_log_file_gets_every_line(spark):
-    from workerbridge.api import log_path
+    from workerbridge.driver.api import log_path
     spark_apply(spark.range(3), lambda d: d, schema="id long").collect()
     path = log_path(spark)
     assert path and os.path.isfile(path)

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from workerbridge import R, spark_apply
-from workerbridge.errors import BadInputError
+from workerbridge.wire.errors import BadInputError
 
 ok = lambda d: d  # noqa: E731
 _lock = threading.Lock()

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from workerbridge import R, spark_apply, spark_log
-from workerbridge.errors import BadInputError
+from workerbridge.wire.errors import BadInputError
 
 LANGS = ["python", "r"]
 

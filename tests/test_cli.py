@@ -11,7 +11,7 @@ import time
 import pandas as pd
 
 from workerbridge import cli, spark_apply
-from workerbridge.api import log_path
+from workerbridge.driver.api import log_path
 
 
 def command() -> list:

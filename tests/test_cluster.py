@@ -253,7 +253,7 @@ import json, sys, time, traceback
 cfg = json.loads(sys.argv[1])
 from pyspark.sql import SparkSession
 from workerbridge import R, spark_apply, spark_log
-from workerbridge.logs import parse_line
+from workerbridge.wire.logline import parse_line
 
 b = SparkSession.builder.appName(cfg.get("app", "workerbridge-client"))
 b = b.remote(cfg["remote"]) if cfg.get("remote") else b.master(cfg["master"])
@@ -309,7 +309,7 @@ if cfg.get("extras"):
     import pandas as pd
     import pyarrow as pa
     from pyspark.sql.types import LongType, StructField, StructType
-    from workerbridge.api import log_path
+    from workerbridge.driver.api import log_path
     extras = out["extras"] = {"tempdir": tempfile.gettempdir()}
 
     def attempt(key, fn):
@@ -342,8 +342,8 @@ if cfg.get("extras"):
 if cfg.get("unreachable_gateway"):
     # What an executor on another host sees: nothing listens at the Gateway's address.
     # The Gateway closes its socket but stays the session's Gateway.
-    from workerbridge.api import _gateway
-    _gateway(spark).stop_listening()
+    from workerbridge.driver.session import session_gateway
+    session_gateway(spark).stop_listening()
     before = len(spark_log(spark, n=None))
     try:
         table = spark_apply(df, double, schema=CASES["python schema"][1]).toArrow()

@@ -16,11 +16,12 @@ import pyarrow as pa
 import pytest
 
 from workerbridge import R, spark_apply
-from workerbridge.closure import pack
-from workerbridge.errors import BadInputError, ChildDiedError, ClosureError, LimitError, TransportError
-from workerbridge.gateway import Gateway
-from workerbridge.runtime import Runtime
-from workerbridge.worker import TaskSpec, Worker, WorkerOptions
+from workerbridge.driver.closure import pack
+from workerbridge.wire.errors import BadInputError, ChildDiedError, ClosureError, LimitError, TransportError
+from workerbridge.driver.gateway import Gateway
+from wbtest import ROOT, RUNTIME
+from workerbridge.task.spec import TaskSpec, WorkerOptions
+from workerbridge.task.worker import Worker
 
 from wbtest import child_processes
 
@@ -94,11 +95,11 @@ def run_on_driver(f, options: dict, rows: int = 20):
     try:
         opts = dict(options)
         memory = opts.pop("memory_limit", None)
-        from workerbridge.supervise import parse_bytes
-        spec = TaskSpec(pack(f), Runtime.collect(isinstance(f, R)), None, gw.address,
+        from workerbridge.task.supervise import parse_bytes
+        spec = TaskSpec(pack(f), RUNTIME.digest, None, gw.address,
                         WorkerOptions(memory_limit=parse_bytes(memory) if memory else None, **opts))
         table = pa.table({"x": list(range(rows))})
-        return list(Worker(spec, 5, "fault").run(table.to_batches()))
+        return list(Worker(spec, 5, "fault", root=ROOT).run(table.to_batches()))
     finally:
         gw.stop()
 
@@ -214,7 +215,7 @@ def test_unpicklable_in_child_is_named(spark, tmp_path):
 FAKE_CHILD = textwrap.dedent("""
     import os, socket, sys
     sys.path.insert(0, os.environ["WB_SRC"])
-    from workerbridge import protocol as P
+    from workerbridge.wire import protocol as P
     secret = sys.stdin.buffer.readline().strip()
     s = socket.create_connection(("127.0.0.1", int(os.environ[P.ENV_PORT])))
     P.send_frame(s, P.AUTH, secret)

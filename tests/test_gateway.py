@@ -24,11 +24,13 @@ import time
 import psutil
 import pytest
 
-from workerbridge import cli, handshake
-from workerbridge import protocol as P
-from workerbridge.gateway import HANDSHAKE_S, MAX_UNAUTHENTICATED, Gateway
-from workerbridge.logs import GATEWAY_BUDGET_S, LINE_CAP_BYTES, GatewayAddress, LogSink
-from workerbridge.privatefiles import NotPrivateError, user_dir
+from workerbridge import cli
+from workerbridge.driver.gateway import HANDSHAKE_S, MAX_UNAUTHENTICATED, Gateway
+from workerbridge.driver.privatefiles import NotPrivateError, user_dir
+from workerbridge.task.logsink import GATEWAY_BUDGET_S, GatewayAddress, LogSink
+from workerbridge.wire import handshake
+from workerbridge.wire import protocol as P
+from workerbridge.wire.logline import LINE_CAP_BYTES
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
@@ -227,7 +229,7 @@ def test_a_listener_that_is_not_the_gateway_learns_nothing(capfd):
 # ---- back-pressure --------------------------------------------------------------------------
 GATEWAY_PROCESS = r'''
 import json, sys, time
-from workerbridge.gateway import Gateway
+from workerbridge.driver.gateway import Gateway
 gw = Gateway(log_path=None)
 print(json.dumps([gw.host, gw.port, gw.secret]), flush=True)
 time.sleep(600)

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from workerbridge.closure import pack
-from workerbridge.gateway import Gateway
-from workerbridge.runtime import Runtime
-from workerbridge.worker import COALESCE_ROWS, TaskSpec, Worker, WorkerOptions
+from workerbridge.driver.closure import pack
+from workerbridge.driver.gateway import Gateway
+from wbtest import ROOT, RUNTIME
+from workerbridge.task.spec import TaskSpec, WorkerOptions
+from workerbridge.task.worker import COALESCE_ROWS, Worker
 
 
 def run(f, options, batches):
     gw = Gateway(log_path=None)
     try:
-        spec = TaskSpec(pack(f, None, options), Runtime.collect(False), None, gw.address,
+        spec = TaskSpec(pack(f, None, options), RUNTIME.digest, None, gw.address,
                         WorkerOptions())
-        return pa.Table.from_batches(list(Worker(spec, 0, "batching").run(iter(batches))))
+        return pa.Table.from_batches(list(Worker(spec, 0, "batching", root=ROOT).run(iter(batches))))
     finally:
         gw.stop()
 

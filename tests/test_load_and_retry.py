@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from workerbridge import R, spark_apply, spark_log
-from workerbridge.logs import parse_line
+from workerbridge.wire.logline import parse_line
 
 
 @pytest.mark.slow
@@ -46,8 +46,8 @@ def test_200_partitions_times_2_concurrent_jobs_both_languages(spark):
     rows = sum(int(m.group(1)) for p in parsed
                if (m := re.fullmatch(r"retrieved (\d+) rows", p["message"])))
     assert rows == 40_000
-    from workerbridge.api import _session_key
-    from workerbridge.gateway import Gateway
+    from workerbridge.driver.session import session_key as _session_key
+    from workerbridge.driver.gateway import Gateway
     assert Gateway.existing(_session_key(spark)).dropped == 0
 
 

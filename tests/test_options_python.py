@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from workerbridge import R, spark_apply, spark_log
-from workerbridge.errors import BadInputError
+from workerbridge.wire.errors import BadInputError
 
 
 @pytest.fixture(scope="module")

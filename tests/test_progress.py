@@ -8,10 +8,11 @@ import time
 import pandas as pd
 import pytest
 
-from workerbridge import progress, spark_apply
-from workerbridge.api import _gateway
-from workerbridge.errors import BadInputError
-from workerbridge.gateway import Gateway
+from workerbridge import spark_apply
+from workerbridge.diagnostics import progress
+from workerbridge.driver.session import session_gateway as _gateway
+from workerbridge.wire.errors import BadInputError
+from workerbridge.driver.gateway import Gateway
 
 
 class FakeTTY(io.StringIO):
@@ -82,13 +83,26 @@ def test_off_unless_a_terminal_or_asked():
     try:
         assert progress.attach(gw, None, progress=None, stream=io.StringIO()) is None
         assert progress.attach(gw, None, progress=False, stream=FakeTTY()) is None
-        assert progress.attach(gw, None, progress="auto", stream=FakeTTY()) is not None
+        assert progress.attach(gw, None, progress=None, stream=FakeTTY()) is not None
     finally:
         gw.stop()
-    assert progress.wanted("false") is False and progress.wanted(True) is True
+    assert progress.wanted(False) is False and progress.wanted(True) is True
 
 
 def test_bad_progress_value_is_refused_before_any_job(spark):
     df = spark.range(3)
     with pytest.raises(BadInputError, match="progress= takes"):
         spark_apply(df, lambda d: d, schema="id long", progress="loud")
+
+
+def test_yes_and_no_parse_alike_for_every_flag(spark):
+    """One yes/no parser: the conf value that works for reuse works for progress."""
+    df = spark.range(3)
+    spark.conf.set("spark.workerbridge.progress", "no")
+    try:
+        assert spark_apply(df, lambda d: d, schema="id long").count() == 3
+        spark.conf.set("spark.workerbridge.progress", "maybe")
+        with pytest.raises(BadInputError, match="progress= takes True or False"):
+            spark_apply(df, lambda d: d, schema="id long")
+    finally:
+        spark.conf.unset("spark.workerbridge.progress")

@@ -14,11 +14,12 @@ import psutil
 import pyarrow as pa
 import pytest
 
-from workerbridge import protocol as P
-from workerbridge.closure import pack
-from workerbridge.gateway import Gateway
-from workerbridge.runtime import Runtime
-from workerbridge.worker import TaskSpec, Worker, WorkerOptions
+from workerbridge.wire import protocol as P
+from workerbridge.driver.closure import pack
+from workerbridge.driver.gateway import Gateway
+from wbtest import ROOT, RUNTIME
+from workerbridge.task.spec import TaskSpec, WorkerOptions
+from workerbridge.task.worker import Worker
 
 
 def frames(*parts: tuple) -> io.BytesIO:
@@ -73,7 +74,7 @@ def _run_worker_in_thread(spec):
     def go():
         try:
             table = pa.table({"x": list(range(5))})
-            result["batches"] = list(Worker(spec, 0, "sec").run(table.to_batches()))
+            result["batches"] = list(Worker(spec, 0, "sec", root=ROOT).run(table.to_batches()))
         except BaseException as e:  # noqa: BLE001
             result["error"] = e
 
@@ -95,7 +96,7 @@ def _backend_port(gw: Gateway, timeout=10.0) -> int:
 def test_backend_refuses_strangers_and_serves_the_child(slow_python, intruder):
     gw = Gateway(log_path=None)
     try:
-        spec = TaskSpec(pack(lambda d: d), Runtime.collect(False), None, gw.address,
+        spec = TaskSpec(pack(lambda d: d), RUNTIME.digest, None, gw.address,
                         WorkerOptions(python=slow_python, auth_timeout=0.5))
         t, result = _run_worker_in_thread(spec)
         port = _backend_port(gw)
@@ -127,9 +128,9 @@ def test_secret_is_not_in_argv_or_environment(tmp_path):
     spy.chmod(0o755)
     gw = Gateway(log_path=None)
     try:
-        spec = TaskSpec(pack(lambda d: d), Runtime.collect(False), None, gw.address,
+        spec = TaskSpec(pack(lambda d: d), RUNTIME.digest, None, gw.address,
                         WorkerOptions(python=str(spy)))
-        worker = Worker(spec, 0, "argv")
+        worker = Worker(spec, 0, "argv", root=ROOT)
         seen = {}
         orig = worker._accept
 
@@ -183,7 +184,7 @@ def test_second_connection_to_the_backend_is_refused(slow_python):
             import time
             time.sleep(2)
             return d
-        spec = TaskSpec(pack(slow), Runtime.collect(False), None, gw.address, WorkerOptions())
+        spec = TaskSpec(pack(slow), RUNTIME.digest, None, gw.address, WorkerOptions())
         t, result = _run_worker_in_thread(spec)
         port = _backend_port(gw)
         end = time.monotonic() + 20
@@ -202,7 +203,7 @@ def test_oversized_frame_before_auth_is_refused_unread(slow_python):
     unpickled, and the real child still gets in."""
     gw = Gateway(log_path=None)
     try:
-        spec = TaskSpec(pack(lambda d: d), Runtime.collect(False), None, gw.address,
+        spec = TaskSpec(pack(lambda d: d), RUNTIME.digest, None, gw.address,
                         WorkerOptions(python=slow_python))
         t, result = _run_worker_in_thread(spec)
         port = _backend_port(gw)

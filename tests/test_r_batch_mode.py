@@ -19,12 +19,13 @@ import pyarrow as pa
 import pytest
 
 from workerbridge import R, protocol, spark_apply, spark_log
-from workerbridge.closure import pack
-from workerbridge.errors import LimitError
-from workerbridge.gateway import Gateway
-from workerbridge.pool import POOL
-from workerbridge.runtime import Runtime
-from workerbridge.worker import TaskSpec, Worker, WorkerOptions
+from workerbridge.driver.closure import pack
+from workerbridge.wire.errors import LimitError
+from workerbridge.driver.gateway import Gateway
+from workerbridge.task.pool import POOL
+from wbtest import ROOT, RUNTIME
+from workerbridge.task.spec import TaskSpec, WorkerOptions
+from workerbridge.task.worker import Worker
 
 from test_r_codec import RSCRIPT, ChildServer
 
@@ -247,20 +248,20 @@ def test_batch_mode_memory_is_bounded_by_a_batch(lang):
     f = R("function(d) d") if lang == "r" else (lambda d: d)
 
     def spec(mode, limit=None):
-        return TaskSpec(pack(f, None, {"batch_mode": mode}), Runtime.collect(lang == "r"), None,
+        return TaskSpec(pack(f, None, {"batch_mode": mode}), RUNTIME.digest, None,
                         gw.address, WorkerOptions(memory_limit=limit, reuse=True))
 
     try:
         # the idle child's RSS: a one-batch task, then the child waits in the pool
         first = next(lazy_batches(1))
-        probe = Worker(spec("batch"), 0, f"idle-{lang}")
+        probe = Worker(spec("batch"), 0, f"idle-{lang}", root=ROOT)
         assert sum(b.num_rows for b in probe.run(iter([first]))) == 1000
         pid = probe.stats["child_pid"]
         time.sleep(0.3)
         idle = psutil.Process(pid).memory_info().rss
         limit = idle + 3 * ipc_size(first) + HEADROOM
         # 5M rows through the same (warm) child under the limit: completes
-        w = Worker(spec("batch", limit), 1, f"batch-{lang}")
+        w = Worker(spec("batch", limit), 1, f"batch-{lang}", root=ROOT)
         t0 = time.monotonic()
         rows = 0
         for b in w.run(lazy_batches()):
@@ -274,7 +275,7 @@ def test_batch_mode_memory_is_bounded_by_a_batch(lang):
               f"limit {limit / 2**20:.1f} MB, {time.monotonic() - t0:.1f} s")
         # the same limit with the whole partition in memory is breached
         with pytest.raises(LimitError, match="memory_limit"):
-            for _ in Worker(spec("partition", limit), 2, f"partition-{lang}").run(lazy_batches()):
+            for _ in Worker(spec("partition", limit), 2, f"partition-{lang}", root=ROOT).run(lazy_batches()):
                 pass
     finally:
         POOL.close_all()

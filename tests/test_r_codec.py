@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from workerbridge import protocol
+from workerbridge.wire import protocol
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RDIR = os.path.join(ROOT, "rscripts")

@@ -10,10 +10,11 @@ import psutil
 import pyarrow as pa
 import pytest
 
-from workerbridge.closure import R, pack
-from workerbridge.gateway import Gateway
-from workerbridge.runtime import Runtime
-from workerbridge.worker import Worker, TaskSpec, WorkerOptions
+from workerbridge.driver.closure import R, pack
+from workerbridge.driver.gateway import Gateway
+from wbtest import ROOT, RUNTIME
+from workerbridge.task.spec import TaskSpec, WorkerOptions
+from workerbridge.task.worker import Worker
 
 # the vector heap's collection trigger in MB, as R itself reports it
 TRIGGER = R("function(d) data.frame(mb = gc()[2L, 4L])")
@@ -27,9 +28,9 @@ def gateway():
 
 
 def run(gateway, f, batch_mode="partition", **options):
-    spec = TaskSpec(pack(f, None, {"batch_mode": batch_mode}), Runtime.collect(True), None,
+    spec = TaskSpec(pack(f, None, {"batch_mode": batch_mode}), RUNTIME.digest, None,
                     gateway.address, WorkerOptions(**options))
-    worker = Worker(spec, 0, "heap")
+    worker = Worker(spec, 0, "heap", root=ROOT)
     table = pa.table({"x": list(range(10))})
     return worker, pa.Table.from_batches(list(worker.run(table.to_batches())))
 
@@ -62,5 +63,5 @@ def test_idle_warm_child_gives_its_garbage_back(gateway):
         assert proc.memory_info().rss <= after - 200 * 2**20, \
             f"RSS {after / 2**20:.0f} MB right after the task, {proc.memory_info().rss / 2**20:.0f} MB later"
     finally:
-        from workerbridge.pool import POOL
+        from workerbridge.task.pool import POOL
         POOL.close_all()

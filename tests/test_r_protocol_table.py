@@ -12,7 +12,8 @@ import subprocess
 
 import pytest
 
-from workerbridge import protocol
+from workerbridge.wire import protocol
+from workerbridge.wire.lifecycle import MESSAGES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROTOCOL_R = os.path.join(ROOT, "rscripts", "protocol.R")
@@ -171,3 +172,19 @@ def test_json_decode_shapes():
     assert lines[0].split() == ["integer", "3", "character", "logical", "TRUE", "TRUE", "0", "TRUE",
                                 "TRUE", "TRUE", "TRUE", "numeric", "TRUE", "UTF-8"]
     assert "JSON parse error" in lines[1]
+
+
+def test_lifecycle_vocabulary_matches_python():
+    """The lines the R child writes are the templates the diagnostics parse."""
+    code = f"""
+    source({json.dumps(PROTOCOL_R)})
+    for (nm in names(WB_LIFECYCLE)) cat(nm, "\\t", WB_LIFECYCLE[[nm]], "\\n", sep = "")
+    cat("FILLED\\t", wb_lifecycle("applied", rows = 150000, detail = " in 3 groups"), "\\n", sep = "")
+    """
+    res = run_r(code)
+    assert res.returncode == 0, res.stderr.decode()
+    rows = dict(line.split("\t", 1) for line in res.stdout.decode().splitlines() if line)
+    filled = rows.pop("FILLED")
+    child = {m.name: m.template for m in MESSAGES.values() if m.writer == "child"}
+    assert rows == child
+    assert MESSAGES["applied"].match(filled) == {"rows": "150000", "groups": "3", "batches": None}

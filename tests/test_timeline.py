@@ -1,9 +1,11 @@
-"""The task timeline, drawn from a real spark_apply run: PNG (matplotlib and the
-built-in writer) checked pixel by pixel, HTML checked by its SVG groups."""
+"""The task timeline, drawn from a real spark_apply run: PNG (matplotlib) checked pixel by pixel,
+without matplotlib an HTML page instead, HTML checked by its SVG groups."""
 
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 import time
 import zlib
 
@@ -12,8 +14,9 @@ import pytest
 
 import workerbridge
 from workerbridge import spark_apply
-from workerbridge.api import _gateway
-from workerbridge.timeline import COLORS, PHASES, tasks_from_events, write_timeline
+from workerbridge.driver.session import session_gateway as _gateway
+from workerbridge.diagnostics.tasks import PHASES, tasks_from_events
+from workerbridge.diagnostics.timeline import COLORS, write_timeline
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +114,21 @@ def test_png_from_a_session(spark, run, tmp_path):
     check_bars(path, 3)
 
 
-def test_png_without_matplotlib(run, tmp_path):
-    _, tasks = run
-    path = write_timeline(tasks, str(tmp_path / "builtin.png"), engine="builtin")
-    check_bars(path, 3)
+def test_png_without_matplotlib_writes_html_and_says_so(tmp_path):
+    """A real interpreter in which matplotlib cannot be imported."""
+    code = ("import sys; sys.modules['matplotlib'] = None\n"
+            "from workerbridge.diagnostics.tasks import TaskRecord\n"
+            "from workerbridge.diagnostics.timeline import write_timeline\n"
+            "t = TaskRecord('7', partition='0', times={'start': 0.0, 'connected': 0.1,"
+            " 'retrieved': 0.2, 'applied': 0.3, 'finished': 0.4, 'completed': 0.5})\n"
+            "print(write_timeline([t], sys.argv[1]))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "t.png")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    written = out.stdout.strip()
+    assert written == str(tmp_path / "t.html") and not (tmp_path / "t.png").exists()
+    assert open(written, encoding="utf-8").read().count('<g class="task"') == 1
+    assert out.stderr.count("\n") == 1 and "matplotlib is not installed" in out.stderr
 
 
 def test_html_has_one_group_per_task(spark, run, tmp_path):

@@ -29,8 +29,8 @@ import json, re, sys, threading, time, traceback
 cfg = json.loads(sys.argv[1])
 from pyspark.sql import SparkSession
 from workerbridge import R, spark_apply, spark_log
-from workerbridge.api import _gateway
-from workerbridge.logs import parse_line
+from workerbridge.driver.session import session_gateway as _gateway
+from workerbridge.wire.logline import parse_line
 b = SparkSession.builder.appName(cfg["app"]).master(cfg["master"])
 for k, v in cfg["conf"].items():
     b = b.config(k, v)

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import psutil
 
+from workerbridge.task.runtime import Runtime
+from workerbridge.task.worker import CHILD_MODULE
+
+# The package's files, laid out once, for tests that run a Worker directly.
+RUNTIME = Runtime.collect(with_r=True)
+ROOT = str(RUNTIME.materialize())
+
 
 def child_processes() -> set:
     """Our children: PyScript / RScript processes anywhere below this test process."""
@@ -13,6 +20,6 @@ def child_processes() -> set:
             cmd = " ".join(p.cmdline())
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if "workerbridge.child_python" in cmd or "child.R" in cmd:
+        if CHILD_MODULE in cmd or "child.R" in cmd:
             found.add(p.pid)
     return found

@@ -14,6 +14,15 @@ Data flow of one partition task::
                          ▼
                Gateway (driver) ──▶ spark_log(spark)
 
+Layers, each a subpackage; imports point down only::
+
+    cli.py        the workerbridge command (doctor, logs)
+    driver/       spark_apply and its options, closure packing, schema, the session's Gateway
+    diagnostics/  lines in, pictures out: the task model, progress, timeline
+    task/         inside a Spark task: bootstrap, Worker, launch, pool, supervision, log sink
+    child/        the Python child (the R child is rscripts/)
+    wire/         frames, the log-line format, the lifecycle vocabulary, error types
+
 The public names are imported lazily, so the child can import this package
 (for ``workerbridge.log``) in an interpreter that has no pyspark.
 """
@@ -24,11 +33,11 @@ __version__ = "0.1.0"
 __all__ = ["spark_apply", "spark_log", "R", "log", "timeline", "__version__"]
 
 _LAZY = {
-    "spark_apply": ("workerbridge.api", "spark_apply"),
-    "spark_log": ("workerbridge.api", "spark_log"),
-    "R": ("workerbridge.closure", "R"),
-    "log": ("workerbridge.userlog", "log"),
-    "timeline": ("workerbridge.timeline", "timeline"),
+    "spark_apply": ("workerbridge.driver.api", "spark_apply"),
+    "spark_log": ("workerbridge.driver.api", "spark_log"),
+    "timeline": ("workerbridge.driver.api", "timeline"),
+    "R": ("workerbridge.driver.closure", "R"),
+    "log": ("workerbridge.child.userlog", "log"),
 }
 
 

@@ -2,7 +2,10 @@
 
 Covers: argument parsing, the checks of ``doctor`` (each a function returning
 a :class:`Check`), and reading, following and drawing a log file.  Does not
-cover: the timeline's drawing (``timeline``) or the log format (``logs``).
+cover: the timeline's drawing (``diagnostics.timeline``) or the log format
+(``wire.logline``).  The layers below are imported inside the commands, not at
+the top: ``doctor`` must run, and report, on a machine that lacks pyarrow or
+pyspark.
 
     workerbridge doctor [--rscript PATH] [--python PATH] [--no-spark]
     workerbridge logs [--filter X] [--follow] [--path FILE] [-n N] [--timeline out.html|out.png]
@@ -25,9 +28,11 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+
+from .wire.errors import R_INSTALL_HINT
 from typing import Callable, Optional
 
-from .privatefiles import open_owned
+from .driver.privatefiles import open_owned
 
 PY_PACKAGES = ("pyspark", "pyarrow", "pandas", "cloudpickle", "psutil")
 MIN_JAVA = 17
@@ -88,7 +93,7 @@ def check_python_packages() -> list[Check]:
 
 def check_rscript(rscript: str) -> tuple[Check, Optional[str]]:
     exe = shutil.which(rscript)
-    fix = ("install R (Debian: apt-get install r-base-core), or pass --rscript PATH "
+    fix = (f"{R_INSTALL_HINT}, or pass --rscript PATH "
            "(spark_apply: rscript= or spark.workerbridge.rscript)")
     if exe is None:
         return Check(False, "Rscript", f"not found as {rscript!r}", fix), None
@@ -117,7 +122,7 @@ cat(nrow(d), "rows,", ncol(d), "columns\\n")
 def check_r_arrow(exe: str) -> Check:
     """A tiny Arrow stream, pyarrow -> R reader -> R writer -> pyarrow, compared."""
     import pyarrow as pa
-    from .runtime import r_scripts_dir
+    from .task.runtime import r_scripts_dir
     what = "R Arrow round trip"
     try:
         rdir = r_scripts_dir()
@@ -147,13 +152,16 @@ def check_r_arrow(exe: str) -> Check:
 
 def _run_child(closure, with_r: bool, options) -> tuple[list, list[str]]:
     import pyarrow as pa
-    from .gateway import Gateway
-    from .runtime import Runtime
-    from .worker import TaskSpec, Worker
+    from .driver.gateway import Gateway
+    from .task.runtime import Runtime
+    from .task.spec import TaskSpec
+    from .task.worker import Worker
     gw = Gateway(log_path=None)
     try:
-        spec = TaskSpec(closure, Runtime.collect(with_r), None, gw.address, options)
-        batches = list(Worker(spec, 0, "doctor").run(pa.table({"x": [1.0, 2.0, 3.0]}).to_batches()))
+        runtime = Runtime.collect(with_r)
+        spec = TaskSpec(closure, runtime.digest, None, gw.address, options)
+        worker = Worker(spec, 0, "doctor", root=str(runtime.materialize()))
+        batches = list(worker.run(pa.table({"x": [1.0, 2.0, 3.0]}).to_batches()))
         return batches, gw.lines(n=None)
     finally:
         gw.stop()
@@ -162,8 +170,8 @@ def _run_child(closure, with_r: bool, options) -> tuple[list, list[str]]:
 def check_child(language: str, python: Optional[str], rscript: str) -> Check:
     """The real child (PyScript or RScript) run by a real Worker on a 3-row table."""
     import pyarrow as pa
-    from .closure import R, pack
-    from .worker import WorkerOptions
+    from .driver.closure import R, pack
+    from .task.spec import WorkerOptions
     role = "RScript" if language == "R" else "PyScript"
     what = f"{role} child"
     options = WorkerOptions(python=python, rscript=rscript, connect_timeout=60.0)
@@ -202,7 +210,7 @@ def check_spark(python: Optional[str]) -> Check:
                  .config("spark.driver.bindAddress", "127.0.0.1")
                  .getOrCreate())
         spark.sparkContext.setLogLevel("ERROR")
-        from .api import spark_apply
+        from .driver.api import spark_apply
         df = spark.range(0, 30, numPartitions=3)
         rows = spark_apply(df, lambda d: d.assign(y=d.id * 2), schema="id long, y long",
                            progress=False).count()
@@ -310,14 +318,15 @@ def logs(args, out=None) -> int:
         lines = [ln.rstrip("\n") for ln in f]
         position = f.tell()
     if args.timeline:
-        from .timeline import _title, events_from_log, tasks_from_events, write_timeline
+        from .diagnostics.tasks import events_from_log, tasks_from_events
+        from .diagnostics.timeline import title_of, write_timeline
         tasks = tasks_from_events(events_from_log(lines))
         if args.filter:
             keep = {str(ln.split("(", 1)[1].split(")", 1)[0]) for ln in lines
                     if args.filter in ln and "(" in ln}
             tasks = [t for t in tasks if str(t.id) in keep]
         written = write_timeline(tasks, args.timeline,
-                                 title=_title(tasks) + " (log file: times to the second)")
+                                 title=title_of(tasks) + " (log file: times to the second)")
         print(f"wrote a timeline of {len(tasks)} tasks from {path} to {written} "
               "(times to the second, as in the log file)", file=out)
         return 0

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .protocol import close_quietly
+from ..wire.protocol import close_quietly
 
 MAX_IDLE_PER_KEY = 2
 MAX_IDLE_TOTAL = 4

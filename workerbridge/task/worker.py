@@ -26,47 +26,25 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import pyarrow as pa
 
-from . import protocol as P
-from .closure import R_LANG, Closure
-from .errors import ChildDiedError, ClosureError, LimitError, TaskError, TransportError
-from .logs import GatewayAddress, LogSink
+from ..wire import protocol as P
+from ..wire.errors import R_INSTALL_HINT, ChildDiedError, ClosureError, LimitError, TaskError, TransportError
+from ..wire.lifecycle import language_of, line
+from ..wire.logline import level_of
+from .conform import conform
+from .logsink import LogSink
 from .pool import POOL, Warm
-from .runtime import Runtime
+from .spec import R_LANG, TaskSpec
 from .supervise import Child, exit_name, format_bytes, tree_rss
 
 POLL_S = 0.2
+CHILD_MODULE = "workerbridge.child.python"   # run with -m; tests match it in a cmdline
 COALESCE_ROWS = 100_000        # input rows joined into one batch for the child
 COALESCE_BYTES = 16 * 2**20    # ... or bytes, whichever comes first
-
-
-@dataclass(frozen=True)
-class WorkerOptions:
-    python: Optional[str] = None         # the task's own interpreter when None
-    rscript: str = "Rscript"
-    connect_timeout: float = 60.0        # spawn → authenticated connection
-    auth_timeout: float = 10.0           # accepted connection → secret
-    timeout: Optional[float] = None      # the whole task, once the child is started
-    memory_limit: Optional[int] = None   # bytes of RSS, the child's whole process tree
-    env: dict = field(default_factory=dict, hash=False)
-    reuse: bool = False                  # keep the child warm for the next task
-    idle_timeout: float = 60.0           # seconds a warm child may wait for one
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """Everything a task needs; pickled once on the driver into the Spark closure."""
-
-    closure: Closure
-    runtime: Runtime
-    out_schema: Optional[pa.Schema] = None
-    gateway: Optional[GatewayAddress] = None
-    options: WorkerOptions = WorkerOptions()
-    name: Optional[str] = None
 
 
 R_MIN_VSIZE = 256 * 2**20       # R's vector heap before its first collection
@@ -127,8 +105,9 @@ class Worker:
     """One partition task: ``Worker(spec, partition, task_id).run(batches)``."""
 
     def __init__(self, spec: TaskSpec, partition: object, task_id: object,
-                 extra: Optional[dict] = None):
+                 extra: Optional[dict] = None, *, root: str):
         self.spec = spec
+        self.root = Path(root)           # the shipped runtime, laid out by the caller
         self.extra = dict(extra or {})
         self.closure = spec.closure
         self.partition = partition
@@ -146,13 +125,13 @@ class Worker:
             it = iter(batches)
             first = next((b for b in it if b.num_rows > 0), None)
             if first is None:
-                self.log.write("Worker", f"partition {self.partition} is empty; no child started")
+                self.log.write("Worker", line("empty", partition=self.partition))
                 return
             label = f" for {self.spec.name!r}" if self.spec.name else ""
-            self.log.write("Worker", f"partition {self.partition} compute starting{label}")
+            self.log.write("Worker", line("start", partition=self.partition, label=label))
             yield from self._run(first, it)
         except TaskError as e:
-            self.log.write("Worker", f"partition {self.partition} failed: {e.what}", "ERROR")
+            self.log.write("Worker", line("failed", partition=self.partition, what=e.what), "ERROR")
             e.attach_log(self.log.kept())
             raise
         finally:
@@ -163,7 +142,7 @@ class Worker:
         self._started = time.monotonic()
         self._deadline = self._started + opts.timeout if opts.timeout else None
         argv, env = self._command()
-        key = (tuple(argv), tuple(sorted(opts.env.items())), self.spec.runtime.digest)
+        key = (tuple(argv), tuple(sorted(opts.env.items())), self.spec.runtime_digest)
         warm: Optional[Warm] = None
         writer: Optional[threading.Thread] = None
         kept = False
@@ -171,8 +150,8 @@ class Worker:
             warm = POOL.take(key) if opts.reuse else None
             if warm is not None:
                 self.child = warm.child
-                self.log.write("Worker", f"reused {self.role} (pid {warm.child.pid}) "
-                                         f"after {warm.tasks} tasks")
+                self.log.write("Worker", line("reused", role=self.role, pid=warm.child.pid,
+                                                tasks=warm.tasks))
             else:
                 warm = self._start(argv, env)
             warm.reader.watch = lambda data_ready: self._watch(self._deadline, "timeout", data_ready)
@@ -189,14 +168,14 @@ class Worker:
                 self.stats["peak_rss"] = max(self.stats.get("peak_rss", 0), tree_rss(self.child.pid))
             writer.join(5.0)
             warm.digest, warm.tasks = self.closure.digest, warm.tasks + 1
-            self.log.write("Worker", f"{self.language} process completed")
+            self.log.write("Worker", line("completed", language=self.language))
             if "peak_rss" in self.stats:
                 self.log.write("Worker", f"peak RSS of the {self.role} process tree "
                                          f"{format_bytes(self.stats['peak_rss'])}")
             if opts.reuse and not writer.is_alive():
                 POOL.give(key, warm, opts.idle_timeout)
                 kept = True
-                self.log.write("Worker", f"kept {self.role} (pid {warm.child.pid}) warm for reuse")
+                self.log.write("Worker", line("kept", role=self.role, pid=warm.child.pid))
             else:
                 P.send_frame(warm.conn, P.BYE)
                 self.child.close_stdin()
@@ -231,8 +210,8 @@ class Worker:
             port = listener.getsockname()[1]
             env = dict(env, **{P.ENV_PORT: str(port), P.ENV_HOST: "127.0.0.1"})
             self.child = Child(argv, env, secret)
-            self.log.write("Worker", f"started {self.role} (pid {self.child.pid})")
-            self.log.write("Worker", f"is waiting for {self.role} to connect to port {port}")
+            self.log.write("Worker", line("started", role=self.role, pid=self.child.pid))
+            self.log.write("Worker", line("waiting", role=self.role, port=port))
             conn, stream = self._accept(listener, secret,
                                         self._started + self.spec.options.connect_timeout)
             return Warm(self.child, conn, stream, stream.raw)
@@ -242,7 +221,7 @@ class Worker:
     def _command(self) -> tuple[list, dict]:
         """The child's argv and environment (without the port)."""
         opts = self.spec.options
-        root = self.spec.runtime.materialize()
+        root = self.root
         env = dict(os.environ)
         env.update({str(k): str(v) for k, v in opts.env.items()})
         if self.closure.language == R_LANG:
@@ -251,7 +230,7 @@ class Worker:
                 raise ChildDiedError(
                     f"Rscript not found as {opts.rscript!r}", exit_code=None, stderr_tail="",
                     partition=self.partition, language=self.language, role=self.role,
-                    hint="install R on every node (Debian: apt-get install r-base-core), "
+                    hint=f"{R_INSTALL_HINT} on every node, "
                          "or pass rscript='/path/to/Rscript' or set spark.workerbridge.rscript")
             heap = [] if self.closure.options.get("batch_mode") == "batch" \
                 or "R_VSIZE" in env else r_heap_args(opts.memory_limit)
@@ -265,7 +244,7 @@ class Worker:
                      "pyarrow, pandas and cloudpickle")
         env["PYTHONPATH"] = str(root)
         env.pop("PYTHONSTARTUP", None)
-        return [exe, "-m", "workerbridge.child_python"], env
+        return [exe, "-m", CHILD_MODULE], env
 
     def _accept(self, listener: socket.socket, secret: str, deadline: float):
         """The first connection that proves the secret; strangers are refused."""
@@ -357,16 +336,14 @@ class Worker:
             yield _joined(pending)
 
     def _read_result(self, stream: io.BufferedReader) -> Iterator[pa.RecordBatch]:
-        role_prefix = "R" if self.closure.language == R_LANG else "Py"
-        allowed = {f"{role_prefix}Script", f"{role_prefix}Closure"}
+        lang = language_of(self.closure.language)
+        allowed = {lang.role, lang.closure_role}
         while True:
             msg_type, payload = P.recv_frame(stream)
             if msg_type == P.LOG:
                 rec = P.decode_json(payload)
                 role = rec.get("role") if rec.get("role") in allowed else self.role
-                level = rec.get("level") if rec.get("level") in ("DEBUG", "INFO", "WARN", "ERROR") \
-                    else "INFO"
-                self.log.write(role, str(rec.get("message", "")), level)
+                self.log.write(role, str(rec.get("message", "")), level_of(rec.get("level")))
             elif msg_type == P.ERROR:
                 raise self._closure_error(P.decode_json(payload))
             elif msg_type == P.OUTPUT:
@@ -390,7 +367,6 @@ class Worker:
         want = self.spec.out_schema
         if want is None:
             return batch
-        from .schema import conform
         try:
             return conform(batch, want)
         except ValueError as e:
@@ -491,22 +467,3 @@ class _SocketSink:
 
     def close(self) -> None:
         self.closed = True
-
-
-def task_id_and_partition() -> tuple:
-    """Spark's task attempt id and partition index, or the pid and 0 outside a task."""
-    try:
-        from pyspark import TaskContext
-        tc = TaskContext.get()
-    except ImportError:
-        tc = None
-    if tc is None:
-        return f"driver-{os.getpid()}", 0
-    return tc.taskAttemptId(), tc.partitionId()
-
-
-def barrier_info() -> dict:
-    """In a barrier stage: this task's partition and every task's address."""
-    from pyspark import BarrierTaskContext
-    tc = BarrierTaskContext.get()
-    return {"partition": tc.partitionId(), "address": [t.address for t in tc.getTaskInfos()]}

@@ -3,8 +3,8 @@
 Covers: whether the session collects Python worker logs
 (``spark.sql.pyspark.worker.logging.enabled``), reading workerbridge's lines from
 ``spark.tvf.python_worker_logs()`` and merging them with the Gateway's without
-duplicates.  Workers hand every line to the logger ``logs.SPARK_LOGGER`` when the
-setting is on (``logs.LogSink``), so the table holds each line once; a line the
+duplicates.  Workers hand every line to the logger ``wire.logline.SPARK_LOGGER`` when the
+setting is on (``task.logsink``), so the table holds each line once; a line the
 Gateway holds as well is shown once.  Where executors cannot reach the Gateway
 (another network, a Spark Connect client) the table is the only source.  Does
 not cover: the Gateway (``gateway``).
@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 from typing import Iterable
 
-from .logs import SPARK_LOGGER, parse_line
+from ..wire.logline import SPARK_LOGGER, parse_line
 
 CONF = "spark.sql.pyspark.worker.logging.enabled"
 

@@ -7,14 +7,14 @@ when installed, else a plain ``\\r`` line; and :func:`attach`, which hooks one
 such display to a session's Gateway (``spark_apply(..., progress=...)``).
 Does not cover: what the lines mean beyond counting (``timeline``).
 
-A *run* is a burst of tasks: it begins with the first ``compute starting`` line
+A *burst* is a run of tasks: it begins with the first ``compute starting`` line
 after a quiet spell and ends when every partition is done (the total is known),
 or when nothing runs any more (Spark has no active job; without Spark, nothing
 arrived for ``linger`` seconds).  Then the line is finished with a newline and
 the next task begins a new line.  Schema inference on the driver is not counted.
 
 >>> import io
->>> from workerbridge.logs import format_line
+>>> from workerbridge.wire.logline import format_line
 >>> out = io.StringIO()
 >>> p = Progress(out, total=1, backend="plain")
 >>> for msg in ["partition 0 compute starting", "Python process completed"]:
@@ -31,13 +31,13 @@ import time
 import weakref
 from typing import Callable, Optional
 
-from .logs import parse_line
-from .timeline import _COMPLETED, _EMPTY, _RETRIEVED, _RETURNED, _START, SCRIPT_ROLES
+from ..wire.lifecycle import SCRIPT_ROLES, read
+from ..wire.logline import parse_line
 
 BACKENDS = ("auto", "rich", "tqdm", "plain")
 
 
-class _Run:
+class _Burst:
     def __init__(self, total: Optional[int]):
         self.began = time.monotonic()
         self.total = total
@@ -66,13 +66,13 @@ class _Plain:
     def __init__(self, stream):
         self.stream, self.width = stream, 0
 
-    def update(self, run: _Run) -> None:
+    def update(self, run: _Burst) -> None:
         text = run.text()
         self.stream.write("\r" + text + " " * max(self.width - len(text), 0))
         self.stream.flush()
         self.width = len(text)
 
-    def close(self, run: _Run) -> None:
+    def close(self, run: _Burst) -> None:
         self.update(run)
         self.stream.write("\n")
         self.stream.flush()
@@ -84,7 +84,7 @@ class _Tqdm:
         from tqdm import tqdm
         self._tqdm, self.stream, self.bar = tqdm, stream, None
 
-    def update(self, run: _Run) -> None:
+    def update(self, run: _Burst) -> None:
         if self.bar is None:
             self.bar = self._tqdm(total=run.total, desc="workerbridge", unit="partition",
                                   file=self.stream, leave=True, dynamic_ncols=True)
@@ -94,7 +94,7 @@ class _Tqdm:
                                  f"{len(run.failed) + run.incomplete} failed", refresh=False)
         self.bar.refresh()
 
-    def close(self, run: _Run) -> None:
+    def close(self, run: _Burst) -> None:
         self.update(run)
         self.bar.close()
         self.bar = None
@@ -105,14 +105,14 @@ class _Rich:
         from rich.console import Console
         self.console, self.live = Console(file=stream), None
 
-    def update(self, run: _Run) -> None:
+    def update(self, run: _Burst) -> None:
         from rich.live import Live
         if self.live is None:
             self.live = Live(console=self.console, auto_refresh=False, transient=False)
             self.live.start()
         self.live.update(run.text(), refresh=True)
 
-    def close(self, run: _Run) -> None:
+    def close(self, run: _Burst) -> None:
         self.update(run)
         self.live.stop()
         self.live = None
@@ -149,7 +149,7 @@ class Progress:
         self._renderer = _renderer(self.stream, backend)
         self.linger, self.min_interval = linger, min_interval
         self._lock = threading.RLock()
-        self._run: Optional[_Run] = None
+        self._run: Optional[_Burst] = None
         self._drawn = 0.0
         self._heard = time.monotonic()
         self._ticker: Optional[threading.Thread] = None
@@ -171,25 +171,26 @@ class Progress:
         with self._lock:
             self._heard = time.monotonic()
             run = self._run
-            if role == "Worker" and (_START.match(msg) or _EMPTY.match(msg)):
+            empty = role == "Worker" and read("empty", msg) is not None
+            if empty or (role == "Worker" and read("start", msg)):
                 if run is None:
                     if not self.enabled:
                         return
-                    run = self._run = _Run(self._total if self._total else self._ask_total())
+                    run = self._run = _Burst(self._total if self._total else self._ask_total())
                     self._start_ticker()
                 elif run.total is not None and run.started >= run.total and self._total is None:
                     run.total = self._ask_total()     # more tasks than we thought: ask again
                 run.started += 1
-                if _EMPTY.match(msg):
+                if empty:
                     run.done += 1
             elif run is None:
                 return
-            elif role == "Worker" and _COMPLETED.match(msg):
+            elif role == "Worker" and read("completed", msg):
                 run.done += 1
-            elif role in SCRIPT_ROLES and _RETRIEVED.match(msg):
-                run.rows_in += int(_RETRIEVED.match(msg).group(1))
-            elif role in SCRIPT_ROLES and _RETURNED.match(msg):
-                run.rows_out += int(_RETURNED.match(msg).group(1))
+            elif role in SCRIPT_ROLES and read("retrieved", msg):
+                run.rows_in += int(read("retrieved", msg)["rows"])
+            elif role in SCRIPT_ROLES and read("returned", msg):
+                run.rows_out += int(read("returned", msg)["rows"])
             if rec["level"] == "ERROR":
                 run.failed.add(rec["id"])
             if run.total is not None and run.done >= run.total and run.running == 0:
@@ -262,26 +263,19 @@ _displays: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _displays_lock = threading.Lock()
 
 
-def wanted(value, stream=None) -> bool:
-    """``progress=``: None or "auto" (on for a terminal), True/"true", False/"false".
+def wanted(value: Optional[bool], stream=None) -> bool:
+    """``progress=`` parsed: None (auto: on for a terminal), True or False.
 
-    >>> wanted(False), wanted("true"), wanted(None, stream=__import__("io").StringIO())
+    >>> wanted(False), wanted(True), wanted(None, stream=__import__("io").StringIO())
     (False, True, False)
     """
-    if isinstance(value, str):
-        low = value.strip().lower()
-        value = {"auto": None, "": None, "true": True, "false": False}.get(low, value)
-    if value is None:
-        stream = stream if stream is not None else sys.stderr
-        try:
-            return bool(stream.isatty())
-        except (AttributeError, ValueError):
-            return False
-    if isinstance(value, bool):
-        return value
-    from .errors import BadInputError
-    raise BadInputError(f"progress= takes True, False or None (auto: on for a terminal), "
-                        f"not {value!r}")
+    if value is not None:
+        return bool(value)
+    stream = stream if stream is not None else sys.stderr
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 def attach(gateway, spark=None, progress=None, stream=None) -> Optional[Progress]:

@@ -13,14 +13,12 @@ import json
 import math
 import shutil
 import subprocess
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from .errors import BadInputError
+from ..task.spec import PYTHON, R_LANG, Closure
+from ..wire.errors import R_INSTALL_HINT, BadInputError
 
-PYTHON = "python"
-R_LANG = "r"
 
 
 class R:
@@ -58,8 +56,8 @@ class R:
         exe = shutil.which(rscript)
         if exe is None:
             raise BadInputError(
-                f"Rscript not found as {rscript!r} on the driver; install R "
-                "(Debian: apt-get install r-base-core) or pass rscript='/path/to/Rscript'")
+                f"Rscript not found as {rscript!r} on the driver; {R_INSTALL_HINT} "
+                "or pass rscript='/path/to/Rscript'")
         # Parse only: top-level code is not run on the driver (it may need
         # packages that only the nodes have).  A code whose value is plainly
         # not a function (a constant) is refused here too.
@@ -86,25 +84,6 @@ class R:
                                 "write R('function(df) ...')")
         raise BadInputError(f"could not check the R code with {exe}: "
                             f"{out.stderr.decode('utf-8', 'replace')[-800:]}")
-
-
-@dataclass(frozen=True)
-class Closure:
-    """One serialized payload: language, code bytes, context, options, hash."""
-
-    language: str
-    code: bytes
-    context_json: Optional[str] = None
-    options: dict = field(default_factory=dict, hash=False)
-    digest: str = ""
-
-    @property
-    def role(self) -> str:
-        return "RScript" if self.language == R_LANG else "PyScript"
-
-    @property
-    def language_name(self) -> str:
-        return "R" if self.language == R_LANG else "Python"
 
 
 def pack(f: Union[Callable, R], context: Any = None, options: Optional[dict] = None) -> Closure:

@@ -4,9 +4,9 @@ Covers: the server (one asyncio loop on one thread for every connection; the
 Worker and the Gateway prove the job's secret to each other first, see
 ``handshake``), the in-memory store that ``spark_log`` reads (bounded in lines
 and in bytes; a line is capped at ``LINE_CAP_BYTES``) and the private log file.
-Does not cover: how lines are formatted or sent (``logs``), or where the
-Gateway listens (``api`` chooses the address and finds the session's Gateway
-through :func:`Gateway.for_key`).
+Does not cover: how lines are formatted (``wire.logline``) or sent
+(``task.logsink``), or where the Gateway listens (``session`` chooses the
+address and finds the session's Gateway through :func:`Gateway.for_key`).
 
 Conversation on one connection (frames of ``protocol``)::
 
@@ -28,9 +28,10 @@ import threading
 import time
 from typing import Callable, Optional
 
-from . import handshake
-from . import protocol as P
-from .logs import LINE_CAP_BYTES, GatewayAddress, drop_connection, format_line, truncated
+from ..task.logsink import GatewayAddress, drop_connection
+from ..wire import handshake
+from ..wire import protocol as P
+from ..wire.logline import LINE_CAP_BYTES, format_line, truncated
 from .privatefiles import open_append
 
 DEFAULT_MAX_LINES = 100_000
@@ -76,6 +77,7 @@ class Gateway:
             asyncio.start_server(self._serve, host, port, backlog=128))
         self.host, self.port = self._server.sockets[0].getsockname()[:2]
         self.advertised = advertise or self.host
+        self.spark_worker_logs = False   # Workers also hand lines to Spark's logging (4.1+)
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="workerbridge-gateway")
         self._thread.start()
@@ -135,7 +137,7 @@ class Gateway:
 
     @property
     def address(self) -> GatewayAddress:
-        return GatewayAddress(self.advertised, self.port, self.secret)
+        return GatewayAddress(self.advertised, self.port, self.secret, self.spark_worker_logs)
 
     # ---- the server (coroutines on the Gateway's loop) ----------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -1,12 +1,12 @@
 """PyScript: the Python child that applies a closure to a partition.
 
-Run as ``python -m workerbridge.child_python`` by a Worker, with the backend
+Run as ``python -m workerbridge.child.python`` by a Worker, with the backend
 port in the environment and the per-task secret as the first line of stdin.
 Covers: connect, authenticate, load the closure (only after the secret checks
 out), read the rows as an Arrow stream, call the closure, turn what it returns
 into Arrow, write it back, report errors with the full traceback.
 
-Imports only the standard library, the protocol module, pyarrow, pandas and
+Imports only the standard library, the ``wire`` layer, pyarrow, pandas and
 cloudpickle — never pyspark — so it runs in any interpreter that has those.
 """
 
@@ -21,11 +21,12 @@ import threading
 import traceback
 from typing import Any, Optional
 
-from workerbridge import protocol as P
-from workerbridge import userlog
+from workerbridge.child import userlog
+from workerbridge.wire import protocol as P
+from workerbridge.wire.lifecycle import language_of, line
 
-ROLE = "PyScript"
-CLOSURE_ROLE = "PyClosure"
+ROLE = language_of("python").role
+CLOSURE_ROLE = language_of("python").closure_role
 MAX_BATCH_ROWS = 64 * 1024
 
 
@@ -48,7 +49,7 @@ def main() -> int:
     P.expect(stream, P.WELCOME, P.MAX_AUTH_BYTES)
     channel = Channel(sock)
     userlog.install(channel.closure_log)
-    channel.log("is connected to backend")
+    channel.log(line("connected"))
     closures: dict[str, Any] = {}
     while True:
         try:
@@ -160,7 +161,7 @@ def run_task(task: dict, stream, channel: Channel, closures: dict) -> None:
             import cloudpickle
             closures.clear()
             closures[digest] = cloudpickle.loads(payload)
-            channel.log(f"loaded closure {digest[:12]} ({len(payload)} bytes)")
+            channel.log(line("loaded", digest=digest[:12], size=len(payload)))
         packed = closures[digest]
     except BaseException as e:                    # noqa: BLE001 - reported, not swallowed
         _drain(reader)
@@ -168,21 +169,21 @@ def run_task(task: dict, stream, channel: Channel, closures: dict) -> None:
         return
     if batch_mode:
         return run_batches(packed, reader, task, channel)
-    channel.log(f"retrieved {table.num_rows} rows")
-    channel.log(f"retrieved {table.num_columns} column names")
+    channel.log(line("retrieved", rows=table.num_rows))
+    channel.log(line("columns", columns=table.num_columns))
     try:
         out, groups = apply(packed["func"], table, packed.get("context"), task)
     except _Failed as failed:
         channel.error(failed.kind, failed.error)
         return
-    channel.log(f"applied closure to {table.num_rows} rows"
-                + (f" in {groups} groups" if groups is not None else ""))
-    channel.log(f"returned {out.num_rows} rows")
+    channel.log(line("applied", rows=table.num_rows,
+                     detail=f" in {groups} groups" if groups is not None else ""))
+    channel.log(line("returned", rows=out.num_rows))
     with channel.lock:
         output = OutputStream(channel)
         output.write(out)
         output.close()
-    channel.log("finished")
+    channel.log(line("finished"))
     P.send_json(channel.sock, P.DONE, {"rows_in": table.num_rows, "rows_out": out.num_rows})
 
 
@@ -216,11 +217,11 @@ def run_batches(packed, reader, task: dict, channel: Channel) -> None:
     if output.writer is None:                      # no input batch at all
         output.write(pa.table({}))
         output.close()
-    channel.log(f"retrieved {rows_in} rows")
-    channel.log(f"retrieved {len(reader.schema)} column names")
-    channel.log(f"applied closure to {rows_in} rows in {batches} batches")
-    channel.log(f"returned {output.rows} rows")
-    channel.log("finished")
+    channel.log(line("retrieved", rows=rows_in))
+    channel.log(line("columns", columns=len(reader.schema)))
+    channel.log(line("applied", rows=rows_in, detail=f" in {batches} batches"))
+    channel.log(line("returned", rows=output.rows))
+    channel.log(line("finished"))
     P.send_json(channel.sock, P.DONE, {"rows_in": rows_in, "rows_out": output.rows})
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import sys
 from typing import Callable, Optional
 
+from ..wire.logline import LEVELS
+
 _sender: Optional[Callable[[str, str], None]] = None
 
 
@@ -24,7 +26,7 @@ def log(message: object, level: str = "INFO") -> None:
     >>> log("hello from outside a child")   # doctest: +SKIP
     """
     level = level.upper()
-    if level not in ("DEBUG", "INFO", "WARN", "ERROR"):
+    if level not in LEVELS:
         raise ValueError(f"level must be DEBUG, INFO, WARN or ERROR, not {level!r}")
     if _sender is None:
         sys.stderr.write(f"PyClosure {level}: {message}\n")

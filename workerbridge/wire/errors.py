@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from typing import Optional
 
+# How to get R where it is missing: every "Rscript not found" says this.
+R_INSTALL_HINT = "install R (Debian: apt-get install r-base-core)"
+
 
 class WorkerBridgeError(Exception):
     """Base of every workerbridge error."""

@@ -14,9 +14,9 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._bootstrap import materialize, pack_files
+from .bootstrap import materialize, pack_files
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent     # workerbridge/
 R_FILES = ("protocol.R", "arrow_ipc.R", "child.R")
 
 
@@ -44,8 +44,8 @@ class Runtime:
         when ``with_r``).  Python and R jobs thus ship the same runtime, so an
         executor keeps one loaded workerbridge, and one pool of warm children,
         when they alternate."""
-        files = {f"workerbridge/{p.name}": p.read_text("utf-8")
-                 for p in sorted(PACKAGE_DIR.glob("*.py"))}
+        files = {f"workerbridge/{p.relative_to(PACKAGE_DIR).as_posix()}": p.read_text("utf-8")
+                 for p in sorted(PACKAGE_DIR.rglob("*.py")) if "__pycache__" not in p.parts}
         try:
             rdir = r_scripts_dir()
         except FileNotFoundError:

@@ -64,7 +64,7 @@ def load(root: str, digest: str) -> tuple:
         if found is not None and found.origin:
             other = (_declared_version(found.origin), os.path.dirname(found.origin))
     # the children kept warm by the copy being replaced would wait for nothing
-    pool = sys.modules.get(PACKAGE + ".pool")
+    pool = sys.modules.get(PACKAGE + ".task.pool")
     if pool is not None and hasattr(pool, "POOL"):
         try:
             pool.POOL.close_all()
@@ -86,11 +86,12 @@ def make_task(files_blob: bytes, digest: str, version: str, spec_blob: bytes, ba
     def workerbridge_task(batches):
         root = materialize(files_blob, digest)
         _, other = load(root, digest)
-        from workerbridge.worker import Worker, barrier_info, task_id_and_partition
+        # Lazy by design: the shipped copy's Worker, importable only once it is loaded.
+        from workerbridge.task.worker import Worker
         spec = pickle.loads(spec_blob)
-        task_id, partition = task_id_and_partition()
-        extra = {"barrier": barrier_info()} if barrier else None
-        worker = Worker(spec, partition, task_id, extra)
+        task_id, partition = _task_context()
+        extra = {"barrier": _barrier_info()} if barrier else None
+        worker = Worker(spec, partition, task_id, extra, root=root)
         if other is not None:
             other_version, place = other
             skew = other_version != version
@@ -122,3 +123,21 @@ def _remove(path: str) -> None:
         for d in dirs:
             os.rmdir(os.path.join(top, d))
     os.rmdir(path)
+
+
+def _task_context() -> tuple:
+    """Spark's task attempt id and partition index, or the pid and 0 outside a task."""
+    # pyspark is imported here, not at the top: this module is pickled by value
+    # and must import only the standard library until the task runs.
+    from pyspark import TaskContext
+    tc = TaskContext.get()
+    if tc is None:
+        return os.getpid(), 0
+    return tc.taskAttemptId(), tc.partitionId()
+
+
+def _barrier_info() -> dict:
+    """In a barrier stage: this task's partition and every task's address."""
+    from pyspark import BarrierTaskContext
+    tc = BarrierTaskContext.get()
+    return {"partition": tc.partitionId(), "address": [t.address for t in tc.getTaskInfos()]}

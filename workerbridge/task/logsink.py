@@ -1,19 +1,15 @@
-"""Lifecycle log lines: their format, and the sink a Worker writes them to.
+"""The sink a Worker writes its lifecycle lines to.
 
-Covers: the line format (a contract that tests and users parse) and its cap
-(``LINE_CAP_BYTES``), and :class:`LogSink`, which sends a task's lines to the
-driver's Gateway over one connection per Python worker process (both sides
-prove the job's secret first, ``handshake``), or to stderr (the executor log)
-when the Gateway cannot be reached, saying so once per process.  Time spent on
-the Gateway is bounded per task (``GATEWAY_BUDGET_S``); a process that failed to
-reach it tries again after ``RETRY_AFTER_S``.  A sink keeps its task's newest
-lines, so a failed task can carry them in its exception.  With Spark's Python
-worker logging on (Spark 4.1+), each line is also a ``logging`` record that Spark
-collects.  Does not cover: the Gateway server (``gateway``).
-
-Format, exactly::
-
-    yy/MM/dd HH:mm:ss LEVEL workerbridge: <Role> (<id>) <message>
+Covers: :class:`LogSink`, which sends a task's lines to the driver's Gateway over
+one connection per Python worker process (both sides prove the job's secret
+first, ``wire.handshake``), or to stderr (the executor log) when the Gateway
+cannot be reached, saying so once per process.  Time spent on the Gateway is
+bounded per task (``GATEWAY_BUDGET_S``); a process that failed to reach it tries
+again after ``RETRY_AFTER_S``.  A sink keeps its task's newest lines, so a failed
+task can carry them in its exception.  With Spark's Python worker logging on
+(Spark 4.1+), each line is also a ``logging`` record that Spark collects.  Does
+not cover: the line format (``wire.logline``) or the Gateway server
+(``driver.gateway``).
 """
 
 from __future__ import annotations
@@ -21,7 +17,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import re
 import socket
 import sys
 import threading
@@ -29,52 +24,13 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from . import handshake
-from . import protocol as P
+from ..wire import handshake
+from ..wire import protocol as P
+from ..wire.logline import SPARK_LOGGER, cap_line, format_line
 
-LINE_CAP_BYTES = 64 * 1024          # a longer line is cut, and says so
 GATEWAY_BUDGET_S = 5.0              # a task's time on a slow or dead Gateway, at most
 RETRY_AFTER_S = 30.0                # a process that could not reach it waits this long
 KEPT_LINES, KEPT_BYTES = 200, 256 * 1024   # a task's newest lines, for its exception
-SPARK_LOGGER = "workerbridge.lines"  # the logger Spark's worker logging collects from
-ROLES = ("Gateway", "Worker", "PyScript", "RScript", "PyClosure", "RClosure")
-LEVELS = ("DEBUG", "INFO", "WARN", "ERROR")
-
-LINE_RE = re.compile(
-    r"^(?P<date>\d{2}/\d{2}/\d{2}) (?P<time>\d{2}:\d{2}:\d{2}) (?P<level>DEBUG|INFO|WARN|ERROR) "
-    r"workerbridge: (?P<role>" + "|".join(ROLES) + r") \((?P<id>[^)]+)\) (?P<message>.*)$")
-
-
-def format_line(role: str, ident: object, message: str, level: str = "INFO",
-                when: Optional[float] = None) -> str:
-    """One log line; newlines in ``message`` are folded so a line stays a line.
-
-    >>> format_line("Worker", 7, "partition 0 compute starting", when=0)[18:]
-    'INFO workerbridge: Worker (7) partition 0 compute starting'
-    """
-    stamp = time.strftime("%y/%m/%d %H:%M:%S", time.localtime(time.time() if when is None else when))
-    text = " | ".join(part for part in str(message).splitlines()) or ""
-    return f"{stamp} {level} workerbridge: {role} ({ident}) {text}"
-
-
-def truncated(head: bytes, total: int) -> str:
-    """The start of a line that was ``total`` bytes long, with a marker saying so."""
-    return (head.decode("utf-8", "ignore")
-            + f" ... [line truncated: {total} bytes, the first {len(head)} kept]")
-
-
-def cap_line(line: str) -> str:
-    """``line`` if it fits LINE_CAP_BYTES as UTF-8, else its start and a marker (which fit)."""
-    data = line.encode("utf-8")
-    if len(data) <= LINE_CAP_BYTES:
-        return line
-    return truncated(data[:LINE_CAP_BYTES - 100], len(data))
-
-
-def parse_line(line: str) -> Optional[dict]:
-    """The fields of a line in the format above, or None."""
-    m = LINE_RE.match(line)
-    return m.groupdict() if m else None
 
 
 @dataclass(frozen=True)
