@@ -1,5 +1,6 @@
 # The two commands of the README: `make demo` and `make test`.
-# Both install what is missing: Rscript (Debian r-base-core), Java, and a venv
+# Both install what is missing: Rscript (Debian r-base-core), Java, ip (iproute2,
+# for the two-host test cluster), and a venv
 # at .venv with workerbridge installed editable.
 
 PYTHON ?= python3
@@ -18,6 +19,7 @@ system:
 	@missing=""; \
 	command -v Rscript >/dev/null 2>&1 || missing="$$missing r-base-core"; \
 	command -v java >/dev/null 2>&1 || missing="$$missing openjdk-17-jre-headless"; \
+	command -v ip >/dev/null 2>&1 || missing="$$missing iproute2"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  $(SUDO) apt-get update -qq && \

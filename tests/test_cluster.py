@@ -341,15 +341,9 @@ if cfg.get("extras"):
     attempt("log_path", lambda: log_path(spark))
 if cfg.get("unreachable_gateway"):
     # What an executor on another host sees: nothing listens at the Gateway's address.
-    # The Gateway closes its socket but stays the session's Gateway (private parts,
-    # on purpose: there is no public way to make a live Gateway unreachable).
-    import socket
-    from workerbridge.driver.session import session_gateway as _gateway
-    gw = _gateway(spark)
-    gw._server.shutdown(socket.SHUT_RDWR)    # wakes the blocked accept(); close() alone
-    gw._server.close()                       # leaves it to take one more connection
-    for conn in list(gw._conns):
-        conn.shutdown(socket.SHUT_RDWR)
+    # The Gateway closes its socket but stays the session's Gateway.
+    from workerbridge.driver.session import session_gateway
+    session_gateway(spark).stop_listening()
     before = len(spark_log(spark, n=None))
     try:
         table = spark_apply(df, double, schema=CASES["python schema"][1]).toArrow()
@@ -371,11 +365,12 @@ print("RESULT " + json.dumps(out), flush=True)
 '''
 
 
-def run_client(cfg: dict, workdir: Path, timeout: float = 240, env: Optional[dict] = None) -> dict:
-    """Run ``CLIENT`` with ``cfg`` in a subprocess; its JSON result."""
+def run_client(cfg: dict, workdir: Path, timeout: float = 240, env: Optional[dict] = None,
+               script: str = CLIENT) -> dict:
+    """Run ``script`` (``CLIENT`` by default) with ``cfg`` in a subprocess; its JSON result."""
     workdir.mkdir(parents=True, exist_ok=True)
-    script = workdir / "client.py"
-    script.write_text(CLIENT)
+    code, script = script, workdir / "client.py"
+    script.write_text(code)
     cfg = {"rows": ROWS, "partitions": PARTITIONS, **cfg}
     proc = subprocess.run([DRIVER_PYTHON, str(script), json.dumps(cfg)], cwd=str(workdir),
                           env=clean_env(**(env or {})), capture_output=True, text=True,

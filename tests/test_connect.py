@@ -10,6 +10,7 @@ that client process, so ``spark_log`` works there.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import time
@@ -19,7 +20,7 @@ import psutil
 import pytest
 
 from test_cluster import executor_python  # noqa: F401 - a fixture, shared
-from test_cluster import (DRIVER_PYTHON, PARTITIONS, assert_case,
+from test_cluster import (DRIVER_PYTHON, PARTITIONS, ROWS, assert_case,
                           clean_env, free_port, processes_under, run_client, spark_home,
                           stop_tree)
 
@@ -170,3 +171,21 @@ def test_connect_local_remote(executor_python, tmp_path):
                      tmp_path / "client", env={"PYSPARK_PYTHON": executor_python})
     _check(res, executor_python, cases)
     assert len(res["cases"]["r schema"]["retrieved_by_task"]) == PARTITIONS
+
+
+def test_connect_client_no_worker_reaches_gets_lines_from_spark(connect_server, tmp_path):
+    """The case no Gateway can serve: the client's Gateway stops listening (as a client
+    behind NAT), the session has Spark's Python worker logging on (Spark 4.1+), and
+    spark_log on the client still holds every task's lines, from Spark's table, once."""
+    res = run_client({"remote": connect_server["url"], "app": "workerbridge-connect-nogw",
+                      "conf": {"spark.workerbridge.reuse": "false",
+                               "spark.sql.pyspark.worker.logging.enabled": "true"},
+                      "cases": [], "unreachable_gateway": True}, tmp_path / "client")
+    got = res["unreachable"]
+    assert "error" not in got, got["error"]
+    assert got["rows"] == ROWS and got["ids_ok"]
+    lines = got["new_lines"]
+    rows = {m.group(1): int(m.group(2)) for ln in lines
+            for m in [re.search(r"PyScript \((\d+)\) retrieved (\d+) rows", ln)] if m}
+    assert sum(rows.values()) == ROWS and len(rows) == PARTITIONS, lines[-30:]
+    assert len(lines) == len(set(lines)), "a line shown twice"

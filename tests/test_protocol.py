@@ -160,9 +160,10 @@ def test_gateway_refuses_wrong_secret():
     gw = Gateway(log_path=None)
     try:
         s = socket.create_connection((gw.host, gw.port))
+        s.settimeout(5)
+        assert P.expect(s.makefile("rb"), P.HELLO, P.MAX_AUTH_BYTES)   # the challenge
         P.send_frame(s, P.AUTH, b"nope")
         P.send_frame(s, P.LOG, "forged line".encode())
-        s.settimeout(5)
         assert closed_by_peer(s)
         s.close()
         end = time.monotonic() + 5

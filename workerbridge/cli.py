@@ -22,6 +22,7 @@ import glob
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,8 @@ from dataclasses import dataclass
 
 from .wire.errors import R_INSTALL_HINT
 from typing import Callable, Optional
+
+from .driver.privatefiles import open_owned
 
 PY_PACKAGES = ("pyspark", "pyarrow", "pandas", "cloudpickle", "psutil")
 MIN_JAVA = 17
@@ -276,8 +279,20 @@ def log_dirs() -> list[str]:
 
 
 def newest_log() -> Optional[str]:
-    found = [p for d in log_dirs() for p in glob.glob(os.path.join(d, "workerbridge-*.log"))]
+    """The newest log file this user owns, in its private directory (or, from older
+    releases, beside it); never a symlink or another user's file."""
+    found = [p for d in log_dirs() for pattern in (
+        os.path.join(d, f"workerbridge-{os.getuid()}", "workerbridge-*.log"),
+        os.path.join(d, "workerbridge-*.log")) for p in glob.glob(pattern) if _owned(p)]
     return max(found, key=os.path.getmtime) if found else None
+
+
+def _owned(path: str) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid()
 
 
 def _matches(line: str, text: Optional[str]) -> bool:
@@ -291,10 +306,15 @@ def logs(args, out=None) -> int:
         print(f"workerbridge logs: no workerbridge-*.log in {', '.join(log_dirs())}; "
               "pass --path FILE", file=out)
         return 2
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         print(f"workerbridge logs: no such log file: {path}", file=out)
         return 2
-    with open(path, encoding="utf-8", errors="replace") as f:
+    try:
+        f = open_owned(path)
+    except OSError as e:
+        print(f"workerbridge logs: {e}", file=out)
+        return 2
+    with f:
         lines = [ln.rstrip("\n") for ln in f]
         position = f.tell()
     if args.timeline:
@@ -326,7 +346,7 @@ def _follow(path: str, position: int, text: Optional[str], out, seconds: Optiona
     end = None if seconds is None else time.monotonic() + seconds
     partial = ""
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
+        with open_owned(path) as f:
             f.seek(position)
             while end is None or time.monotonic() < end:
                 chunk = f.read()

@@ -30,7 +30,8 @@ from .closure import R, pack
 from . import ship_python, shipping
 from .options import Call, check_call, parse_flag
 from .schema import arrow_to_struct, spark_arrow_schema, to_struct
-from .session import existing_gateway, session_gateway, session_key
+from . import sparklogs
+from .session import active_session, existing_gateway, session_gateway, session_key
 
 # The task function travels by value (with the package's files inside it), so
 # executors need no workerbridge installed.  PySpark pickles with its own copy
@@ -128,8 +129,13 @@ def spark_log(spark=None, filter: Optional[str] = None, n: Optional[int] = 100) 
     >>> for line in spark_log(spark, filter="PyScript"):  # doctest: +SKIP
     ...     print(line)
     """
+    spark = spark or active_session()
     gw = existing_gateway(spark)
-    return [] if gw is None else gw.lines(filter=filter, n=n)
+    events = [] if gw is None else gw.events()
+    if sparklogs.enabled(spark):        # Spark 4.1+: lines from executors no Gateway hears
+        events = sparklogs.merge(events, sparklogs.worker_lines(spark))
+    found = [ln for _, ln in events if filter is None or filter in ln]
+    return found if n is None else found[-n:] if n > 0 else []
 
 
 def log_path(spark=None) -> Optional[str]:

@@ -162,6 +162,7 @@ class Worker:
             yield from self._run(first, it)
         except TaskError as e:
             self.log.write("Worker", line("failed", partition=self.partition, what=e.what), "ERROR")
+            e.attach_log(self.log.kept())
             raise
         finally:
             self.log.flush()

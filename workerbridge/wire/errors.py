@@ -45,6 +45,14 @@ class TaskError(WorkerBridgeError):
             text += f"\nHint: {hint}"
         super().__init__(text)
 
+    def attach_log(self, lines: list) -> None:
+        """Carry the task's own log lines in the message: the driver gets them even when
+        no line could reach its Gateway."""
+        self.log_lines = list(lines)
+        if lines:
+            self.args = (f"{self.args[0]}\nthe task's log lines (newest {len(lines)}):\n"
+                         + "\n".join(lines),)
+
 
 class ClosureError(TaskError):
     """The user's closure raised; ``remote_traceback`` is the child's own."""

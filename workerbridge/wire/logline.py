@@ -1,7 +1,9 @@
 """The log-line format: a contract that tests, tools and users parse.
 
 Covers: :func:`format_line` and :func:`parse_line`, the roles and levels a line
-may carry, and :func:`level_of` for the level a line is filed under.  Does not
+may carry, :func:`level_of` for the level a line is filed under, the cap on a
+line's length (:func:`cap_line`) and the logger name Spark's Python worker
+logging collects lines from (``SPARK_LOGGER``).  Does not
 cover: the words of the lifecycle lines (``lifecycle``) or sending them
 (``task.logsink``).
 
@@ -16,6 +18,8 @@ import re
 import time
 from typing import Optional
 
+LINE_CAP_BYTES = 64 * 1024            # a longer line is cut, and says so
+SPARK_LOGGER = "workerbridge.lines"   # the logger Spark's worker logging (4.1+) collects
 ROLES = ("Gateway", "Worker", "PyScript", "RScript", "PyClosure", "RClosure")
 LEVELS = ("DEBUG", "INFO", "WARN", "ERROR")
 
@@ -48,6 +52,20 @@ def is_sample_id(ident: object) -> bool:
     """
     text = str(ident)
     return text.isdigit() and int(text) >= SAMPLE_ID_BASE
+
+
+def truncated(head: bytes, total: int) -> str:
+    """The start of a line that was ``total`` bytes long, with a marker saying so."""
+    return (head.decode("utf-8", "ignore")
+            + f" ... [line truncated: {total} bytes, the first {len(head)} kept]")
+
+
+def cap_line(line: str) -> str:
+    """``line`` if it fits LINE_CAP_BYTES as UTF-8, else its start and a marker (which fit)."""
+    data = line.encode("utf-8")
+    if len(data) <= LINE_CAP_BYTES:
+        return line
+    return truncated(data[:LINE_CAP_BYTES - 100], len(data))
 
 
 def parse_line(line: str) -> Optional[dict]:

@@ -103,9 +103,17 @@ def pack_header(msg_type: int, length: int) -> bytes:
     return _HEADER.pack(msg_type, length)
 
 
-def unpack_header(header: bytes) -> tuple[int, int]:
-    """(message type, payload length) of an 8-byte header."""
-    return _HEADER.unpack(header)
+def unpack_header(header: bytes, max_bytes: int = MAX_FRAME_BYTES) -> tuple[int, int]:
+    """(message type, payload length) of an 8-byte header; refuse unknown types and
+    lengths above ``max_bytes``."""
+    msg_type, length = _HEADER.unpack(header)
+    if msg_type not in MESSAGE_NAMES:
+        raise ProtocolError(f"unknown message type {msg_type} (header {header.hex()})")
+    if length > max_bytes:
+        raise ProtocolError(
+            f"{MESSAGE_NAMES[msg_type]} frame announces {length} bytes; "
+            f"the bound here is {max_bytes}")
+    return msg_type, length
 
 
 def read_exact(stream: BinaryIO, n: int) -> bytes:
@@ -143,15 +151,7 @@ def recv_frame(stream: BinaryIO, max_bytes: int = MAX_FRAME_BYTES) -> tuple[int,
 def recv_header(stream: BinaryIO, max_bytes: int = MAX_FRAME_BYTES) -> tuple[int, int]:
     """Read one frame's header: (type, payload length), both checked; the
     payload is left to the caller (:func:`read_exact`, or :func:`skip`)."""
-    header = read_exact(stream, HEADER_BYTES)
-    msg_type, length = _HEADER.unpack(header)
-    if msg_type not in MESSAGE_NAMES:
-        raise ProtocolError(f"unknown message type {msg_type} (header {header.hex()})")
-    if length > max_bytes:
-        raise ProtocolError(
-            f"{MESSAGE_NAMES[msg_type]} frame announces {length} bytes; "
-            f"the bound here is {max_bytes}")
-    return msg_type, length
+    return unpack_header(read_exact(stream, HEADER_BYTES), max_bytes)
 
 
 def skip(stream: BinaryIO, n: int, chunk: int = 1 << 20) -> None:
