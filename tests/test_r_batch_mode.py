@@ -18,7 +18,8 @@ import psutil
 import pyarrow as pa
 import pytest
 
-from workerbridge import R, protocol, spark_apply, spark_log
+from workerbridge import R, spark_apply, spark_log
+from workerbridge.wire import protocol
 from workerbridge.driver.closure import pack
 from workerbridge.wire.errors import LimitError
 from workerbridge.driver.gateway import Gateway
