@@ -7,8 +7,9 @@ time: the Worker's own work and waits) and the top functions by self time,
 per profiler (cProfile for PyScript, Rprof for RScript).  Does not cover:
 making the profiles (the children), drawing them (``timeline``).
 
->>> from workerbridge.logs import format_line
+>>> from workerbridge.wire.logline import format_line
 >>> from workerbridge.wire.phases import format_profile
+>>> from workerbridge.diagnostics.tasks import tasks_from_events
 >>> line = format_profile("Rprof", {"transfer": 0.1, "decode": 0.2, "closure": 0.05,
 ...                                  "encode": 0.1, "send": 0.05}, [["readBin", 0.2, 0.3]])
 >>> events = [(0.0, format_line("Worker", 7, "partition 0 compute starting")),

@@ -55,8 +55,11 @@ class Pending:
         if len(self.buf) < self.need:
             return None
         if self.need == P.HEADER_BYTES:
-            msg_type, length = P.unpack_header(bytes(self.buf))
-            if msg_type != P.AUTH or length > P.MAX_AUTH_BYTES:
+            try:
+                msg_type, length = P.unpack_header(bytes(self.buf), P.MAX_AUTH_BYTES)
+            except P.ProtocolError:                  # garbage or oversized: a stranger
+                return False
+            if msg_type != P.AUTH:
                 return False
             self.need += length
             return None if length else hmac.compare_digest(b"", secret)

@@ -81,7 +81,9 @@ HEADER_BYTES = 8
 MAX_AUTH_BYTES = 1024            # bound on any frame before the secret checks out
 MAX_FRAME_BYTES = 1 << 30        # bound on any frame after (1 GiB)
 SECRET_BYTES = 32                # random bytes; sent as 64 hex characters
-LOG_LINE_MAX_BYTES = 64 * 1024   # a log line's message is cut here (UTF-8 bytes)
+# a log line's message is cut here (UTF-8 bytes): below the whole line's cap
+# (wire/logline.LINE_CAP_BYTES, 64 KiB) by room for the line's prefix and the marker
+LOG_LINE_MAX_BYTES = 64 * 1024 - 512
 
 # Environment variables a Worker sets for its child.  The secret is never among
 # them: it travels on the child's stdin, the first line.
