@@ -11,7 +11,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PYSPARK_PYTHON := $(abspath $(PY))
 export SPARK_LOCAL_IP := 127.0.0.1
 
-.PHONY: setup system demo test bench clean
+.PHONY: setup system demo test bench clean test-compat
 
 setup: system $(STAMP)
 
@@ -37,12 +37,13 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+	$(MAKE) --no-print-directory test-compat
 
 bench: setup
 	$(PY) bench/run.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(COMPAT_VENV) build *.egg-info .pytest_cache
 
 # ---- The R package (R/, man/, tests/testthat): R users drive PySpark from R.
 # make setup installs reticulate, testthat and codetools (Debian r-cran-*);
@@ -71,3 +72,28 @@ r-check: r-deps $(STAMP)
 	  R CMD check --no-manual workerbridge_*.tar.gz || { \
 	  cat workerbridge.Rcheck/tests/testthat.Rout.fail 2>/dev/null; exit 1; }
 	@! grep -q "^Status:.*\(WARNING\|ERROR\)" $(RCHECK)/workerbridge.Rcheck/00check.log
+
+# ---- compatibility matrix: pyspark 3.5 + pandas 2 in a second venv -------------------
+# `make test` runs the whole suite in .venv (the default install: pyspark 4.x) and then
+# this subset in .venv-compat: the oldest combination we support, pinned to what
+# pyspark 3.5 itself declares (numpy < 2) with pandas 2.2 and pyarrow 15 (our minimum).
+# pyspark 3.5 ships no Spark Connect server, so its Connect client is tested against
+# the 4.x server of .venv (executors: .venv's Python).
+COMPAT_VENV  := .venv-compat
+COMPAT_PY    := $(COMPAT_VENV)/bin/python
+COMPAT_STAMP := $(COMPAT_VENV)/.installed
+COMPAT_PINS  := 'pyspark[connect]>=3.5,<3.6' 'pandas>=2.2,<2.3' 'pyarrow>=15,<16' 'numpy<2'
+COMPAT_TESTS := tests/test_compat.py tests/test_apply_python.py tests/test_children_shared.py \
+                tests/test_options_python.py tests/test_bad_input.py \
+                tests/test_faults.py::test_fault_surfaces_through_spark_and_session_stays_usable \
+                tests/test_connect.py::test_connect_server_both_languages
+
+$(COMPAT_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_PY) -m pip install -q -e '.[test]' $(COMPAT_PINS)
+	touch $(COMPAT_STAMP)
+
+test-compat: setup $(COMPAT_STAMP)
+	PYSPARK_PYTHON=$(abspath $(COMPAT_PY)) \
+	WORKERBRIDGE_TEST_CONNECT_SERVER_PYTHON=$(abspath $(PY)) \
+	  $(COMPAT_PY) -m pytest -p no:cacheprovider $(COMPAT_TESTS)

@@ -37,9 +37,19 @@ def typed_frame(n: int = 60) -> pd.DataFrame:
 DDL = "i int, l long, d double, s string, b boolean, day date, ts timestamp"
 
 
+def plain_rows(frame: pd.DataFrame) -> list:
+    """The frame as tuples of Python values and None (pyspark 3.5's createDataFrame does
+    not take pandas' nullable dtypes nor pandas Timestamps)."""
+    def plain(v):
+        if v is None or v is pd.NaT or (not isinstance(v, str) and pd.isna(v)):
+            return None
+        return v.to_pydatetime() if isinstance(v, pd.Timestamp) else v
+    return list(zip(*([plain(v) for v in frame[c].tolist()] for c in frame.columns)))
+
+
 @pytest.fixture(scope="module")
 def typed_df(spark):
-    return spark.createDataFrame(typed_frame(), schema=DDL).repartition(3)
+    return spark.createDataFrame(plain_rows(typed_frame()), schema=DDL).repartition(3)
 
 
 def rows(df) -> list:

@@ -253,6 +253,7 @@ import json, sys, time, traceback
 cfg = json.loads(sys.argv[1])
 from pyspark.sql import SparkSession
 from workerbridge import R, spark_apply, spark_log
+from workerbridge.driver import compat
 from workerbridge.wire.logline import SAMPLE_ID_BASE, parse_line
 
 b = SparkSession.builder.appName(cfg.get("app", "workerbridge-client"))
@@ -282,7 +283,7 @@ for name in cfg.get("cases", list(CASES)):
     res = {}
     try:
         result = spark_apply(df, f, schema=schema)
-        table = result.toArrow()
+        table = compat.to_arrow(result)
         pdf = table.to_pandas()
         res.update(
             rows=int(table.num_rows), columns=table.column_names,
@@ -346,7 +347,7 @@ if cfg.get("unreachable_gateway"):
     session_gateway(spark).stop_listening()
     before = len(spark_log(spark, n=None))
     try:
-        table = spark_apply(df, double, schema=CASES["python schema"][1]).toArrow()
+        table = compat.to_arrow(spark_apply(df, double, schema=CASES["python schema"][1]))
         out["unreachable"] = {"rows": table.num_rows, "ids_ok": sorted(
             table.column("id").to_pylist()) == list(range(N))}
     except Exception as e:

@@ -19,6 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from workerbridge.driver import compat
+
 from test_cluster import executor_python  # noqa: F401 - a fixture, shared
 from test_cluster import (DRIVER_PYTHON, PARTITIONS, ROWS, assert_case,
                           clean_env, free_port, processes_under, run_client, spark_home,
@@ -27,6 +29,9 @@ from test_cluster import (DRIVER_PYTHON, PARTITIONS, ROWS, assert_case,
 pytestmark = pytest.mark.connect
 
 CLASS = "org.apache.spark.sql.connect.service.SparkConnectServer"
+# pyspark 3.5 ships no Connect server: its client is tested against the server of a
+# pyspark 4.x interpreter named here (its workers run that interpreter too).
+SERVER_PYTHON_ENV = "WORKERBRIDGE_TEST_CONNECT_SERVER_PYTHON"
 ALL_CASES = ["python schema", "python inferred", "r schema", "r inferred"]
 
 
@@ -35,7 +40,8 @@ def _connect_deps() -> bool:
         import google.protobuf  # noqa: F401
         import grpc  # noqa: F401
         import grpc_status  # noqa: F401
-        import zstandard  # noqa: F401
+        if compat.is_spark4():
+            import zstandard  # noqa: F401 - not needed by the 3.5 client
     except ImportError:
         return False
     return True
@@ -55,7 +61,23 @@ def _listening(port: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def connect_server(tmp_path_factory, executor_python):
+def server_python(request) -> str:
+    """The Python of the server's workers: a venv without workerbridge, or the
+    interpreter named by ``WORKERBRIDGE_TEST_CONNECT_SERVER_PYTHON``."""
+    return os.environ.get(SERVER_PYTHON_ENV) or request.getfixturevalue("executor_python")
+
+
+def _server_home(python: str) -> str:
+    if not os.environ.get(SERVER_PYTHON_ENV):
+        return spark_home()
+    out = subprocess.run([python, "-c", "import os, pyspark; print(os.path.dirname("
+                          "os.path.abspath(pyspark.__file__)))"], capture_output=True,
+                         text=True, timeout=60, check=True)
+    return out.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def connect_server(tmp_path_factory, server_python):
     root = tmp_path_factory.mktemp("connect")
     port = free_port()
     logs, pids = root / "logs", root / "pids"
@@ -64,9 +86,13 @@ def connect_server(tmp_path_factory, executor_python):
     ident = f"wbtest{os.getpid()}"
     # The server's Python workers: PYSPARK_PYTHON from its environment (it ignores
     # spark.pyspark.python).
+    home = _server_home(server_python)
     env = clean_env(SPARK_LOG_DIR=str(logs), SPARK_PID_DIR=str(pids), SPARK_IDENT_STRING=ident,
-                    PYSPARK_PYTHON=executor_python)
-    sbin = Path(spark_home()) / "sbin"
+                    PYSPARK_PYTHON=server_python, SPARK_HOME=home)
+    sbin = Path(home) / "sbin"
+    if not (sbin / "start-connect-server.sh").exists():
+        pytest.skip(f"this pyspark ({home}) ships no Connect server; set {SERVER_PYTHON_ENV} "
+                    "to a Python with pyspark 4.x")
     cmd = [str(sbin / "start-connect-server.sh"), "--master", "local[2]",
            "--conf", f"spark.connect.grpc.binding.port={port}",
            "--conf", "spark.connect.grpc.binding.address=127.0.0.1",
@@ -135,11 +161,11 @@ def _check(res: dict, python: str, cases: list) -> None:
     assert res["returncode"] == 0
 
 
-def test_connect_server_both_languages(connect_server, executor_python, tmp_path):
+def test_connect_server_both_languages(connect_server, server_python, tmp_path):
     res = run_client({"remote": connect_server["url"], "app": "workerbridge-connect-test",
                       "conf": {"spark.workerbridge.reuse": "false"}, "cases": ALL_CASES,
                       "extras": True, "log_filter": "workerbridge:"}, tmp_path / "client")
-    _check(res, executor_python, ALL_CASES)
+    _check(res, server_python, ALL_CASES)
     _check_extras(res["extras"], connect_server["root"])
 
 
@@ -160,6 +186,8 @@ def _check_extras(ex: dict, server_root: Path) -> None:
 def test_connect_local_remote(executor_python, tmp_path):
     """``SparkSession.builder.remote("local[2]")``: pyspark starts a Connect server in the
     client's own JVM."""
+    if not compat.is_spark4():
+        pytest.skip("pyspark 3.5 ships no Connect server jar for remote('local')")
     cases = ["python inferred", "r schema"]
     res = run_client({"remote": "local[2]", "app": "workerbridge-connect-local",
                       "conf": {"spark.workerbridge.reuse": "false",

@@ -28,14 +28,15 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-
-from .wire.errors import R_INSTALL_HINT
+from importlib import metadata
 from typing import Callable, Optional
 
+from .driver import compat
 from .driver.privatefiles import open_owned
+from .wire.errors import R_INSTALL_HINT
 
 PY_PACKAGES = ("pyspark", "pyarrow", "pandas", "cloudpickle", "psutil")
-MIN_JAVA = 17
+MIN_JAVA = 17                      # when pyspark is missing: what Spark 3.5 and 4.x share
 
 
 @dataclass
@@ -74,21 +75,44 @@ def check_java() -> Check:
         return Check(False, "java", f"cannot read the version from {java} -version", fix)
     major = int(m.group(2)) if m.group(1) == "1" else int(m.group(1))
     version = text.splitlines()[0].strip()
-    if major < MIN_JAVA:
-        return Check(False, "java", f"{version} at {java}; Spark 4 needs {MIN_JAVA}+", fix)
-    return Check(True, "java", f"{version} at {java}")
+    return _java_for_pyspark(major, f"{version} at {java}", fix)
+
+
+def _java_for_pyspark(major: int, found: str, fix: str) -> Check:
+    """Does Java ``major`` suit the installed pyspark (its line's supported Javas)?"""
+    try:
+        text = metadata.version("pyspark")
+    except metadata.PackageNotFoundError:
+        ok = major >= MIN_JAVA
+        return Check(ok, "java", f"{found}; pyspark is not installed (Spark 3.5 and 4.x both "
+                                 f"run on Java {MIN_JAVA})", fix)
+    majors = compat.java_majors(compat.parse_version(text))
+    wanted = "/".join(map(str, majors)) or "unknown"
+    if major not in majors:
+        return Check(False, "java", f"{found} does not suit pyspark {text} (it runs on Java "
+                                    f"{wanted})",
+                     f"install Java 17 (Debian: apt-get install openjdk-17-jre-headless) and "
+                     "put it on PATH or set JAVA_HOME")
+    return Check(True, "java", f"{found} suits pyspark {text} (Java {wanted})")
 
 
 def check_python_packages() -> list[Check]:
-    from importlib import metadata
     out = []
     for name in PY_PACKAGES:
         try:
-            out.append(Check(True, name, metadata.version(name)))
+            out.append(_check_version(name, metadata.version(name)))
         except metadata.PackageNotFoundError:
             out.append(Check(False, name, f"not installed in {sys.executable}",
                              f"{sys.executable} -m pip install {name}"))
     return out
+
+
+def _check_version(name: str, version: str) -> Check:
+    if name == "pyspark" and compat.parse_version(version)[:2] < compat.MIN_PYSPARK:
+        oldest = ".".join(map(str, compat.MIN_PYSPARK))
+        return Check(False, name, f"{version} is older than {oldest}, the oldest supported",
+                     f"{sys.executable} -m pip install 'pyspark>={oldest},<5'")
+    return Check(True, name, version)
 
 
 def check_rscript(rscript: str) -> tuple[Check, Optional[str]]:

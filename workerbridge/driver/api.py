@@ -27,7 +27,7 @@ from ..task.worker import Worker
 from ..wire.errors import BadInputError
 from ..wire.logline import SAMPLE_ID_BASE
 from .closure import R, pack
-from . import ship_python, shipping
+from . import compat, ship_python, shipping
 from .options import Call, check_call, parse_flag
 from .schema import arrow_to_struct, spark_arrow_schema, to_struct
 from . import sparklogs
@@ -61,6 +61,7 @@ def spark_apply(df, f: Union[Callable, R], schema: Any = None, **options: Any):
 
     >>> out = spark_apply(df, lambda d: d.assign(y=d.x * 2))      # doctest: +SKIP
     """
+    compat.require_pyspark()
     call = check_call(df, options)
     gateway = session_gateway(df.sparkSession)
     closure, shipped = _ship_and_pack(df.sparkSession, f, call, gateway)
@@ -211,7 +212,7 @@ def _with_unit_columns(struct):
 def _fetch_units(out) -> list:
     """The per-partition (per-group) results as a list: DataFrames, or values for a
     vector result (one column named ``result``)."""
-    table = out.toArrow()
+    table = compat.to_arrow(out)
     if table.num_rows == 0:
         return []
     frame = table.to_pandas()
@@ -233,7 +234,7 @@ def _identifier(name: str) -> str:
 
 def _infer(df, spec: TaskSpec, root: str, sample_rows: int):
     """The output schema from ``f`` run on a sample, by the same Worker, on the driver."""
-    sample = df.limit(sample_rows).toArrow()
+    sample = compat.to_arrow(df.limit(sample_rows))
     if sample.num_rows == 0:
         raise BadInputError("cannot infer the output schema: the input has no rows to sample; "
                             "pass schema=")

@@ -16,6 +16,7 @@ import sys
 from typing import Any, Callable, Optional
 
 from .api import spark_apply, spark_log
+from . import compat
 from .closure import RFunction
 from ..wire.errors import TaskError, WorkerBridgeError
 from ..task.runtime import r_scripts_dir
@@ -77,7 +78,7 @@ def frame_from_ipc(spark, data: bytearray, partitions: int = 0):
 
 def frame_to_ipc(df) -> bytearray:
     """A Spark DataFrame's rows as Arrow IPC stream bytes (for R's ``arrow_read_stream``)."""
-    return table_to_ipc(df.toArrow())
+    return table_to_ipc(compat.to_arrow(df))
 
 
 def table_to_ipc(table) -> bytearray:

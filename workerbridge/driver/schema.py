@@ -14,6 +14,7 @@ from typing import Any, Union
 import pyarrow as pa
 
 from ..wire.errors import BadInputError
+from . import compat
 
 SchemaLike = Union[str, "StructType", pa.Schema]  # noqa: F821
 
@@ -83,5 +84,4 @@ def _sparkable(t: pa.DataType) -> pa.DataType:
 
 def spark_arrow_schema(struct, large_types: bool = False) -> pa.Schema:
     """The Arrow schema Spark expects from mapInArrow for ``struct``."""
-    from pyspark.sql.pandas.types import to_arrow_schema
-    return to_arrow_schema(struct, timezone="UTC", prefers_large_types=large_types)
+    return compat.to_arrow_schema(struct, large_types)
