@@ -640,125 +640,147 @@
          numeric(0))
 }
 
-# the validity-aware decoding of one array's value buffers
+# the validity-aware decoding of one array's value buffers: a dictionary
+# column, or one function per type family below
 .ai_decode_values <- function(f, n, null_count, bufs, name, opts, state) {
   t <- f$type
   valid <- .ai_decode_valid(bufs[[1L]], n, null_count)
-  need <- function(buf, bytes, what) {
-    if (is.null(buf)) buf <- raw(0)
-    if (length(buf) < bytes)
-      .ai_col_error(name, sprintf("%s buffer holds %.0f bytes, %.0f needed", what, length(buf), bytes))
-    buf
-  }
-  setna <- function(x) { if (!is.null(valid)) x[!valid] <- NA; x }
-  if (!is.null(f$dict)) {
-    d <- f$dict
-    ib <- need(bufs[[2L]], n * d$bitWidth / 8, "dictionary index")
-    idx <- .ai_read_ints(ib, n, d$bitWidth, d$signed)
-    if (!is.null(valid)) idx[!valid] <- NA
-    values <- state$dicts[[as.character(d$id)]]
-    if (is.null(values))
-      .ai_col_error(name, sprintf("no dictionary with id %.0f was sent before the record batch", d$id))
-    # one pass for the range (no logical vectors of n); the strings are made
-    # once per dictionary entry, the rows only point at them
-    r <- if (n) suppressWarnings(range(idx, na.rm = TRUE)) else c(0, 0)   # all NA: Inf, -Inf
-    if (is.finite(r[1L]) && (r[1L] < 0 || r[2L] >= length(values)))
-      .ai_col_error(name, "dictionary index out of range")
-    return(values[if (is.integer(idx)) idx + 1L else idx + 1])
-  }
+  if (!is.null(f$dict)) return(.ai_decode_dict_indices(f$dict, n, bufs, valid, name, state))
   switch(t$kind,
     Null = rep(NA, n),
     Bool = {
-      vb <- need(bufs[[2L]], ceiling(n / 8), "values")
-      setna(if (n) as.logical(rawToBits(vb)[seq_len(n)]) else logical(0))
+      vb <- .ai_need(bufs[[2L]], ceiling(n / 8), "values", name)
+      .ai_setna(if (n) as.logical(rawToBits(vb)[seq_len(n)]) else logical(0), valid)
     },
-    Int = {
-      vb <- need(bufs[[2L]], n * t$bitWidth / 8, "values")
-      if (t$bitWidth == 64L) {
-        if (opts$int64 == "character") {
-          x <- .ai_i64_to_character(.ai_i64_halves(vb, n, t$signed), t$signed)
-        } else {
-          x <- .ai_i64_vec(vb, n, t$signed)
-          # |x| >= 2^53 holds every value beyond 2^53 (x is rounded); the exact
-          # test on the halves, only for those: v > 2^53 or v < -2^53
-          # (range first: no scan allocates when all values are small)
-          r <- if (n) suppressWarnings(range(x, na.rm = TRUE)) else c(0, 0)   # all NA: Inf, -Inf
-          cand <- if (n && (r[1L] <= -9007199254740992 || r[2L] >= 9007199254740992))
-                    which(abs(x) >= 9007199254740992) else integer(0)
-          if (!is.null(valid)) cand <- cand[valid[cand]]
-          if (length(cand)) {
-            h <- .ai_i64_halves(vb[rep(8 * (cand - 1), each = 8L) + 1:8], length(cand), t$signed)
-            if (any(h$hi > 2097152 | (h$hi == 2097152 & h$lo > 0) | h$hi < -2097152))
-              state$warn[[name]] <- paste0("%s values beyond 2^53 lost precision when converted ",
-                                           "to double (use int64 = \"character\" for exact values)")
-          }
-        }
-        setna(x)
-      } else {
-        x <- .ai_read_ints(vb, n, t$bitWidth, t$signed)
-        # R's NA_integer_ is the int32 minimum: a valid -2147483648 reads as NA
-        if (t$bitWidth == 32L && t$signed && anyNA(x) && (is.null(valid) || any(is.na(x) & valid)))
-          state$warn[[name]] <- "%s value -2147483648 (the int32 minimum) is NA in R"
-        setna(x)
-      }
-    },
+    Int = if (t$bitWidth == 64L) .ai_decode_int64(t, n, bufs, valid, name, opts, state)
+          else .ai_decode_int(t, n, bufs, valid, name, state),
     FloatingPoint = {
       size <- if (t$precision == 1L) 4L else 8L
-      vb <- need(bufs[[2L]], n * size, "values")
-      setna(readBin(vb, "double", n = n, size = size, endian = "little"))
+      vb <- .ai_need(bufs[[2L]], n * size, "values", name)
+      .ai_setna(readBin(vb, "double", n = n, size = size, endian = "little"), valid)
     },
     Utf8 = , LargeUtf8 = {
       offs <- .ai_read_offsets(bufs[[2L]], n, t$kind == "LargeUtf8", name)
       .ai_decode_strings(bufs[[3L]], offs, n, valid, name)
     },
-    Binary = , LargeBinary = {
-      offs <- .ai_read_offsets(bufs[[2L]], n, t$kind == "LargeBinary", name)
-      data <- bufs[[3L]]
-      if (n == 0L) return(list())
-      if (anyNA(offs) || offs[n + 1L] > length(data) || offs[1L] < 0 || is.unsorted(offs))
-        .ai_col_error(name, "binary offsets out of range")
-      lens <- diff(offs)
-      region <- if (offs[n + 1L] > offs[1L]) data[(offs[1L] + 1):offs[n + 1L]] else raw(0)
-      grp <- structure(rep.int(seq_len(n), lens), levels = as.character(seq_len(n)), class = "factor")
-      out <- split.default(region, grp)
-      names(out) <- NULL
-      if (!is.null(valid)) out[!valid] <- list(NULL)
-      out
-    },
-    Date = {
-      if (t$unit == 0L) {
-        vb <- need(bufs[[2L]], n * 4, "values")
-        x <- as.numeric(readBin(vb, "integer", n = n, size = 4L, endian = "little"))
-      } else {
-        vb <- need(bufs[[2L]], n * 8, "values")
-        x <- .ai_i64_vec(vb, n) / 86400000
-      }
-      setna(x)
-    },
-    Timestamp = {
-      vb <- need(bufs[[2L]], n * 8, "values")
-      x <- switch(t$unit + 1L,
-                  .ai_i64_vec(vb, n),
-                  .ai_i64_vec(vb, n) / 1e3,
-                  .ai_i64_vec(vb, n) / 1e6,
-                  {
-                    dm <- .ai_i64_divmod(.ai_i64_halves(vb, n, TRUE), 1e9, TRUE)
-                    s <- dm$q + dm$r / 1e9
-                    ifelse(dm$neg, -s, s)
-                  })
-      setna(x)
-    },
-    Decimal = {
-      nb <- t$bitWidth / 8
-      vb <- need(bufs[[2L]], n * nb, "values")
-      x <- .ai_decimal_to_double(vb, n, nb / 2, t$scale)
-      # exact while the unscaled value fits a double's 53 bits
-      if (n && any(abs(x) * 10^t$scale > 9007199254740992 & (if (is.null(valid)) TRUE else valid),
-                   na.rm = TRUE))
-        state$warn[[name]] <- "%s values of more than 15 significant digits lost precision as double"
-      setna(x)
-    },
+    Binary = , LargeBinary = .ai_decode_binary(t, n, bufs, valid, name),
+    Date = , Timestamp = .ai_decode_temporal(t, n, bufs, valid, name),
+    Decimal = .ai_decode_decimal(t, n, bufs, valid, name, state),
     .ai_col_error(name, sprintf("Arrow type %s is not supported", t$name)))
+}
+
+# a value buffer of at least `bytes` bytes (raw(0) for a missing one), or the
+# column's error
+.ai_need <- function(buf, bytes, what, name) {
+  if (is.null(buf)) buf <- raw(0)
+  if (length(buf) < bytes)
+    .ai_col_error(name, sprintf("%s buffer holds %.0f bytes, %.0f needed", what, length(buf), bytes))
+  buf
+}
+
+.ai_setna <- function(x, valid) { if (!is.null(valid)) x[!valid] <- NA; x }
+
+# a dictionary column: its indices point at the values of the dictionary batch
+# with its id (sent earlier in the stream)
+.ai_decode_dict_indices <- function(d, n, bufs, valid, name, state) {
+  ib <- .ai_need(bufs[[2L]], n * d$bitWidth / 8, "dictionary index", name)
+  idx <- .ai_read_ints(ib, n, d$bitWidth, d$signed)
+  if (!is.null(valid)) idx[!valid] <- NA
+  values <- state$dicts[[as.character(d$id)]]
+  if (is.null(values))
+    .ai_col_error(name, sprintf("no dictionary with id %.0f was sent before the record batch", d$id))
+  # one pass for the range (no logical vectors of n); the strings are made
+  # once per dictionary entry, the rows only point at them
+  r <- if (n) suppressWarnings(range(idx, na.rm = TRUE)) else c(0, 0)   # all NA: Inf, -Inf
+  if (is.finite(r[1L]) && (r[1L] < 0 || r[2L] >= length(values)))
+    .ai_col_error(name, "dictionary index out of range")
+  values[if (is.integer(idx)) idx + 1L else idx + 1]
+}
+
+# 8, 16, 32 bit integers (unsigned 32 as double)
+.ai_decode_int <- function(t, n, bufs, valid, name, state) {
+  vb <- .ai_need(bufs[[2L]], n * t$bitWidth / 8, "values", name)
+  x <- .ai_read_ints(vb, n, t$bitWidth, t$signed)
+  # R's NA_integer_ is the int32 minimum: a valid -2147483648 reads as NA
+  if (t$bitWidth == 32L && t$signed && anyNA(x) && (is.null(valid) || any(is.na(x) & valid)))
+    state$warn[[name]] <- "%s value -2147483648 (the int32 minimum) is NA in R"
+  .ai_setna(x, valid)
+}
+
+# 64 bit integers: exact decimal text (int64 = "character") or double, with a
+# warning noted when a value beyond 2^53 lost precision
+.ai_decode_int64 <- function(t, n, bufs, valid, name, opts, state) {
+  vb <- .ai_need(bufs[[2L]], n * t$bitWidth / 8, "values", name)
+  if (opts$int64 == "character")
+    return(.ai_setna(.ai_i64_to_character(.ai_i64_halves(vb, n, t$signed), t$signed), valid))
+  x <- .ai_i64_vec(vb, n, t$signed)
+  # |x| >= 2^53 holds every value beyond 2^53 (x is rounded); the exact
+  # test on the halves, only for those: v > 2^53 or v < -2^53
+  # (range first: no scan allocates when all values are small)
+  r <- if (n) suppressWarnings(range(x, na.rm = TRUE)) else c(0, 0)   # all NA: Inf, -Inf
+  cand <- if (n && (r[1L] <= -9007199254740992 || r[2L] >= 9007199254740992))
+            which(abs(x) >= 9007199254740992) else integer(0)
+  if (!is.null(valid)) cand <- cand[valid[cand]]
+  if (length(cand)) {
+    h <- .ai_i64_halves(vb[rep(8 * (cand - 1), each = 8L) + 1:8], length(cand), t$signed)
+    if (any(h$hi > 2097152 | (h$hi == 2097152 & h$lo > 0) | h$hi < -2097152))
+      state$warn[[name]] <- paste0("%s values beyond 2^53 lost precision when converted ",
+                                   "to double (use int64 = \"character\" for exact values)")
+  }
+  .ai_setna(x, valid)
+}
+
+# Binary and LargeBinary: a list of raw vectors (NULL for a null)
+.ai_decode_binary <- function(t, n, bufs, valid, name) {
+  offs <- .ai_read_offsets(bufs[[2L]], n, t$kind == "LargeBinary", name)
+  data <- bufs[[3L]]
+  if (n == 0L) return(list())
+  if (anyNA(offs) || offs[n + 1L] > length(data) || offs[1L] < 0 || is.unsorted(offs))
+    .ai_col_error(name, "binary offsets out of range")
+  lens <- diff(offs)
+  region <- if (offs[n + 1L] > offs[1L]) data[(offs[1L] + 1):offs[n + 1L]] else raw(0)
+  grp <- structure(rep.int(seq_len(n), lens), levels = as.character(seq_len(n)), class = "factor")
+  out <- split.default(region, grp)
+  names(out) <- NULL
+  if (!is.null(valid)) out[!valid] <- list(NULL)
+  out
+}
+
+# Date (days since the epoch) and Timestamp (seconds since the epoch), as
+# doubles; the classes are set by .ai_finish_column
+.ai_decode_temporal <- function(t, n, bufs, valid, name) {
+  if (t$kind == "Date") {
+    if (t$unit == 0L) {
+      vb <- .ai_need(bufs[[2L]], n * 4, "values", name)
+      x <- as.numeric(readBin(vb, "integer", n = n, size = 4L, endian = "little"))
+    } else {
+      vb <- .ai_need(bufs[[2L]], n * 8, "values", name)
+      x <- .ai_i64_vec(vb, n) / 86400000
+    }
+    return(.ai_setna(x, valid))
+  }
+  vb <- .ai_need(bufs[[2L]], n * 8, "values", name)
+  x <- switch(t$unit + 1L,
+              .ai_i64_vec(vb, n),
+              .ai_i64_vec(vb, n) / 1e3,
+              .ai_i64_vec(vb, n) / 1e6,
+              {
+                dm <- .ai_i64_divmod(.ai_i64_halves(vb, n, TRUE), 1e9, TRUE)
+                s <- dm$q + dm$r / 1e9
+                ifelse(dm$neg, -s, s)
+              })
+  .ai_setna(x, valid)
+}
+
+.ai_decode_decimal <- function(t, n, bufs, valid, name, state) {
+  nb <- t$bitWidth / 8
+  vb <- .ai_need(bufs[[2L]], n * nb, "values", name)
+  x <- .ai_decimal_to_double(vb, n, nb / 2, t$scale)
+  # exact while the unscaled value fits a double's 53 bits
+  if (n && any(abs(x) * 10^t$scale > 9007199254740992 & (if (is.null(valid)) TRUE else valid),
+               na.rm = TRUE))
+    state$warn[[name]] <- "%s values of more than 15 significant digits lost precision as double"
+  .ai_setna(x, valid)
 }
 
 .ai_read_ints <- function(vb, n, bw, signed) {
@@ -945,6 +967,9 @@
 # data.frame, in which case nothing is accumulated and the reader returns
 # invisible(list(names, nrows, nbatches)).  An error raised by on_batch is
 # re-raised as it is, after the rest of the stream has been consumed.
+# Steps: the schema (.ai_read_schema), then message by message a record batch
+# (.ai_decode_batch, kept or handed to on_batch) or a dictionary batch
+# (.ai_read_dictionary), then the kept batches bound per column.
 arrow_read_stream <- function(src, int64 = c("double", "character"), factors = FALSE,
                               on_batch = NULL, timing = NULL) {
   int64 <- match.arg(int64)
@@ -952,40 +977,15 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
   streaming <- is.function(on_batch)
   s <- .ai_source(src, timing)
   if (s$close) on.exit(close(s$con))
-  state <- new.env(parent = emptyenv())
-  state$dicts <- list()
-  state$warn <- list()
-  state$warned <- list()
-  pending <- NULL           # first codec error; the stream is drained before raising it
+  state <- .ai_reader_state()
+  schema <- .ai_read_schema(s)
+  fields <- schema$fields
+  pending <- schema$error   # first codec error; the stream is drained before raising it
   user_error <- NULL        # an error of on_batch; likewise raised after draining
-  fields <- NULL
-  parts <- NULL
+  parts <- lapply(fields, function(f) list())
+  levels <- lapply(fields, function(f) NULL)
   nrows <- 0
   nbatches <- 0L
-  levels <- NULL
-
-  msg <- .ai_read_message(s)
-  if (is.null(msg) || isTRUE(msg$eos))
-    stop(.ai_stream_error("empty Arrow stream: no schema message"))
-  if (msg$header_type != 1L)
-    stop(.ai_stream_error(sprintf("Arrow stream does not start with a schema (message type %d)",
-                                  msg$header_type)))
-  pending <- tryCatch({
-    sch <- msg$header
-    if (.fb_scalar(sch, 0L, .ai_i16, 0L) != 0L)
-      stop(.ai_codec_error("big-endian Arrow data is not supported"))
-    fields <- lapply(.fb_table_vector(sch, 1L), .ai_parse_field)
-    for (f in fields) {
-      if (!isTRUE(f$type$supported) || f$nchildren > 0L)
-        .ai_col_error(f$name, sprintf("Arrow type %s is not supported by the R reader",
-                                      .ai_field_type_name(f)))
-      if (!is.null(f$dict) && !(f$dict$bitWidth %in% c(8L, 16L, 32L, 64L)))
-        .ai_col_error(f$name, "unsupported dictionary index width")
-    }
-    parts <- lapply(fields, function(f) list())
-    levels <- lapply(fields, function(f) NULL)
-    NULL
-  }, arrow_codec_error = function(e) e)
 
   repeat {
     msg <- .ai_read_message(s)
@@ -1002,33 +1002,13 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
           b <- NULL
         }
       } else if (msg$header_type == 2L) {
-        db <- msg$header
-        id <- .fb_scalar(db, 0L, .ai_i64, 0)
-        delta <- .fb_bool(db, 2L)
-        j <- which(vapply(fields, function(f) !is.null(f$dict) && f$dict$id == id, TRUE))
-        if (!length(j))
-          stop(.ai_codec_error(sprintf("dictionary batch with id %.0f matches no field", id)))
-        f <- fields[[j[1L]]]
-        vf <- list(name = f$name, type = f$type, dict = NULL)
-        data <- .fb_subtable(db, 1L)
-        if (is.null(data)) stop(.ai_codec_error("dictionary batch without data"))
-        db <- .ai_decode_batch(data, msg, list(vf), opts, state, "dictionary batch")
-        vals <- db$cols[[1L]]
-        key <- as.character(id)
-        if (delta && !is.null(state$dicts[[key]])) vals <- c(state$dicts[[key]], vals)
-        state$dicts[[key]] <- vals
-        if (opts$factors)                  # the factor levels: only wanted for factors
-          for (jj in j) levels[[jj]] <- unique(c(levels[[jj]], vals[!is.na(vals)]))
+        levels <- .ai_read_dictionary(msg, fields, opts, state, levels)
       } else {
         stop(.ai_codec_error(sprintf("unexpected Arrow message type %d inside a stream",
                                      msg$header_type)))
       }
       NULL
-    }, arrow_codec_error = function(e) e,
-       error = function(e) {
-         if (inherits(e, "arrow_stream_error")) stop(e)
-         .ai_codec_error(paste0("could not decode an Arrow message: ", conditionMessage(e)))
-       })
+    }, arrow_codec_error = function(e) e, error = .ai_message_error)
     if (is.null(b) || !is.null(pending)) next
     msg <- NULL                                   # let the body's buffers go
     frame <- .ai_frame(fields, b$cols, b$length, levels, opts, state)
@@ -1043,7 +1023,7 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
     return(invisible(list(names = vapply(fields, function(f) f$name, ""), nrows = nrows,
                           nbatches = nbatches)))
   cols <- vector("list", length(fields))
-  for (j in seq_along(fields)) {
+  for (j in seq_along(fields)) {        # each column's parts let go once bound
     p <- parts[[j]]
     parts[j] <- list(NULL)
     cols[[j]] <- if (length(p) == 0L) .ai_empty_base(fields[[j]], opts)
@@ -1051,6 +1031,74 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
                  else do.call(c, unname(p))
   }
   .ai_frame(fields, cols, nrows, levels, opts, state)
+}
+
+# What the reader keeps across a stream's messages: the dictionaries by id,
+# and the precision warnings noted per column (warned once).
+.ai_reader_state <- function() {
+  state <- new.env(parent = emptyenv())
+  state$dicts <- list()
+  state$warn <- list()
+  state$warned <- list()
+  state
+}
+
+# A message other than a codec error failed to decode: framing errors go on
+# as they are, anything else becomes the stream's codec error.
+.ai_message_error <- function(e) {
+  if (inherits(e, "arrow_stream_error")) stop(e)
+  .ai_codec_error(paste0("could not decode an Arrow message: ", conditionMessage(e)))
+}
+
+# The stream's first message, its schema: list(fields, error), error being
+# the arrow_codec_error of a schema the reader cannot decode (else NULL).
+.ai_read_schema <- function(s) {
+  msg <- .ai_read_message(s)
+  if (is.null(msg) || isTRUE(msg$eos))
+    stop(.ai_stream_error("empty Arrow stream: no schema message"))
+  if (msg$header_type != 1L)
+    stop(.ai_stream_error(sprintf("Arrow stream does not start with a schema (message type %d)",
+                                  msg$header_type)))
+  fields <- NULL
+  error <- tryCatch({
+    sch <- msg$header
+    if (.fb_scalar(sch, 0L, .ai_i16, 0L) != 0L)
+      stop(.ai_codec_error("big-endian Arrow data is not supported"))
+    fields <- lapply(.fb_table_vector(sch, 1L), .ai_parse_field)
+    for (f in fields) {
+      if (!isTRUE(f$type$supported) || f$nchildren > 0L)
+        .ai_col_error(f$name, sprintf("Arrow type %s is not supported by the R reader",
+                                      .ai_field_type_name(f)))
+      if (!is.null(f$dict) && !(f$dict$bitWidth %in% c(8L, 16L, 32L, 64L)))
+        .ai_col_error(f$name, "unsupported dictionary index width")
+    }
+    NULL
+  }, arrow_codec_error = function(e) e)
+  list(fields = fields, error = error)
+}
+
+# A dictionary batch: its values stored under its id in state$dicts (appended
+# to for a delta); returns `levels` (per field) with the new values added to
+# the factor levels of the fields that use it.
+.ai_read_dictionary <- function(msg, fields, opts, state, levels) {
+  db <- msg$header
+  id <- .fb_scalar(db, 0L, .ai_i64, 0)
+  delta <- .fb_bool(db, 2L)
+  j <- which(vapply(fields, function(f) !is.null(f$dict) && f$dict$id == id, TRUE))
+  if (!length(j))
+    stop(.ai_codec_error(sprintf("dictionary batch with id %.0f matches no field", id)))
+  f <- fields[[j[1L]]]
+  vf <- list(name = f$name, type = f$type, dict = NULL)
+  data <- .fb_subtable(db, 1L)
+  if (is.null(data)) stop(.ai_codec_error("dictionary batch without data"))
+  db <- .ai_decode_batch(data, msg, list(vf), opts, state, "dictionary batch")
+  vals <- db$cols[[1L]]
+  key <- as.character(id)
+  if (delta && !is.null(state$dicts[[key]])) vals <- c(state$dicts[[key]], vals)
+  state$dicts[[key]] <- vals
+  if (opts$factors)                  # the factor levels: only wanted for factors
+    for (jj in j) levels[[jj]] <- unique(c(levels[[jj]], vals[!is.na(vals)]))
+  levels
 }
 
 # Consume an Arrow stream up to and including its end-of-stream marker without

@@ -463,37 +463,90 @@ local({
 # protocol/I-O failures (fatal); errors of the closure, packages and codec are
 # reported with ERROR and return normally.  logs: a wb_log_channel (or a plain
 # function(message, level, role) writing LOG frames).
+# Steps: settings (wb_task_setup) -> load the closure (wb_load_closure) ->
+# INPUT -> run the partition (wb_run_partition) or its batches
+# (wb_run_batches), each of which calls the closure and reports done.
 .wb$wb_run_task <- function(con, out, task, logs, cache = new.env(parent = emptyenv())) {
   if (is.function(logs)) logs <- list(log = logs, hold = function() NULL, release = function() NULL)
-  log_msg <- logs$log
+  tk <- wb_task_setup(task, logs, out)
+  on.exit(tk$prof$stop())
+  src_raw <- wb_expect(con, "CLOSURE")
+  f <- wb_load_closure(src_raw, tk, cache)
+  # the input is always read to its end, so that the socket stays in step
+  wb_expect(con, "INPUT")
+  if (!is.function(f)) {               # the ERROR payload of a failed load
+    wb_nojit(arrow_skip_stream(con))
+    return(wb_task_failed(tk, f))
+  }
+  base <- sys.nframe()                 # the closure's traceback starts below this frame
+  if (tk$batch_mode) wb_run_batches(con, tk, f, base) else wb_run_partition(con, tk, f, base)
+}
+
+# What the steps of a task share: its settings from TASK (defaults for what is
+# missing), the logs, the ERROR sender, and the profiler (started last).
+.wb$wb_task_setup <- function(task, logs, out) {
   opts <- task$options
   if (!is.list(opts)) opts <- list()
-  int64 <- if (identical(opts$int64, "character")) "character" else "double"
-  factors <- isTRUE(opts$factors)
-  batch_rows <- if (is.numeric(opts$batch_rows) && length(opts$batch_rows) == 1L &&
-                    opts$batch_rows >= 1) as.integer(opts$batch_rows) else 1048576L
-  context <- task$context
-  packages <- unique(as.character(unlist(c(task$packages, opts$packages), use.names = FALSE)))
+  log_msg <- logs$log
   group_by <- as.character(unlist(opts$group_by, use.names = FALSE))
-  index_param <- if (is.character(opts$partition_index_param) &&
-                     length(opts$partition_index_param) == 1L) opts$partition_index_param else NULL
-  hash <- if (is.character(task$closure_hash) && length(task$closure_hash) == 1L) task$closure_hash else NULL
-  prof <- wb_profiler(isTRUE(opts$profile))
-  on.exit(prof$stop())
+  list(task = task, opts = opts, out = out, logs = logs, log = log_msg,
+       int64 = if (identical(opts$int64, "character")) "character" else "double",
+       factors = isTRUE(opts$factors),
+       batch_rows = if (is.numeric(opts$batch_rows) && length(opts$batch_rows) == 1L &&
+                        opts$batch_rows >= 1) as.integer(opts$batch_rows) else 1048576L,
+       context = task$context,
+       packages = unique(as.character(unlist(c(task$packages, opts$packages), use.names = FALSE))),
+       group_by = group_by,
+       index_param = if (is.character(opts$partition_index_param) &&
+                         length(opts$partition_index_param) == 1L) opts$partition_index_param else NULL,
+       hash = if (is.character(task$closure_hash) && length(task$closure_hash) == 1L) task$closure_hash else NULL,
+       serialized = identical(opts$closure_format, "serialized"),
+       batch_mode = identical(opts$batch_mode, "batch") && !length(group_by),
+       # closure logs are buffered too, and flushed when the last flush is more
+       # than a second old (so that a long closure's logs arrive while it runs)
+       closure_log = function(message, level) {
+         log_msg(message, level = level, role = "RClosure")
+         if (out$since_flush() > 1) out$flush()
+       },
+       prof = wb_profiler(isTRUE(opts$profile)))
+}
 
-  src_raw <- wb_expect(con, "CLOSURE")
-  serialized <- identical(opts$closure_format, "serialized")
-  src <- if (serialized) "" else rawToChar(src_raw)
+.wb$wb_task_failed <- function(tk, payload) {
+  wb_send_json(tk$out$write, "ERROR", payload)
+  invisible(FALSE)
+}
+
+.wb$wb_task_done <- function(tk, rows_in, rows_out) {
+  if (tk$prof$on) tk$log(tk$prof$line())
+  tk$log(wb_lifecycle("finished"))
+  wb_send_json(tk$out$write, "DONE", list(rows_in = rows_in, rows_out = rows_out))
+  invisible(TRUE)
+}
+
+# The task's function, or the ERROR payload that stops the task: shipped
+# packages (TASK r_lib) in front of .libPaths(), those the node lacks; the
+# packages; then the closure (its source may use package functions), from the
+# warm cache when the CLOSURE frame is empty, else evaluated and cached.
+.wb$wb_load_closure <- function(src_raw, tk, cache) {
+  src <- if (tk$serialized) "" else rawToChar(src_raw)
   Encoding(src) <- "UTF-8"
+  failure <- wb_use_shipped(tk$task, tk$log)
+  if (is.null(failure)) failure <- wb_load_packages(tk$packages)
+  if (!is.null(failure)) return(failure)
+  if (length(src_raw) == 0L) return(wb_cached_closure(cache, tk$hash))
+  env <- wb_closure_env(tk$closure_log)
+  f <- wb_eval_closure(src_raw, src, tk$serialized, env)
+  if (is.function(f) && !is.null(tk$hash)) {
+    if (length(ls(cache, all.names = TRUE)) >= 16L) rm(list = ls(cache, all.names = TRUE), envir = cache)
+    assign(tk$hash, f, envir = cache)
+  }
+  f
+}
 
-  send_error <- function(payload) wb_send_json(out$write, "ERROR", payload)
-  failure <- NULL          # an ERROR payload to send once the input has been read
-  # shipped packages (TASK r_lib) in front of .libPaths(), those the node lacks
-  failure <- wb_use_shipped(task, log_msg)
-
-  # packages, then the closure (its source may use package functions)
+# NULL once every package is attached, else the ERROR payload of the first
+# that cannot be.
+.wb$wb_load_packages <- function(packages) {
   for (p in as.character(packages)) {
-    if (!is.null(failure)) break
     ok <- tryCatch({
       suppressPackageStartupMessages(library(p, character.only = TRUE))
       TRUE
@@ -503,260 +556,201 @@ local({
       failure$message <- sprintf("cannot load R package '%s' on this node (its library paths, .libPaths(): %s): %s", p,
                                  paste(.libPaths(), collapse = ", "), conditionMessage(ok))
       failure$package <- p
+      return(failure)
     }
   }
+  NULL
+}
 
-  f <- NULL
+# a warm child that has this closure already gets an empty CLOSURE frame
+.wb$wb_cached_closure <- function(cache, hash) {
+  f <- if (!is.null(hash)) cache[[hash]] else NULL
+  if (is.null(f))
+    return(list(kind = "closure", type = "missingClosure",
+                message = "empty CLOSURE frame, and no closure with this hash was received before",
+                call = NULL, traceback = I(character(0))))
+  f
+}
+
+# The environment the closure's source is evaluated in (parent: the global
+# environment), holding worker_log(...) for the closure's own log lines.
+.wb$wb_closure_env <- function(closure_log) {
   env <- new.env(parent = globalenv())
-  # closure logs are buffered too, and flushed when the last flush is more
-  # than a second old (so that a long closure's logs arrive while it runs)
-  closure_log <- function(message, level) {
-    log_msg(message, level = level, role = "RClosure")
-    if (out$since_flush() > 1) out$flush()
-  }
   assign("worker_log", function(...) {
     closure_log(paste0(...), "INFO")
     invisible(NULL)
   }, envir = env)
-  if (is.null(failure) && length(src_raw) == 0L) {
-    # a warm child that has this closure already gets an empty CLOSURE frame
-    f <- if (!is.null(hash)) cache[[hash]] else NULL
-    if (is.null(f))
-      failure <- list(kind = "closure", type = "missingClosure",
-                      message = "empty CLOSURE frame, and no closure with this hash was received before",
-                      call = NULL, traceback = I(character(0)))
-  } else if (is.null(failure)) {
-    f <- tryCatch({
-      if (serialized) wb_unserialize_closure(src_raw, env)
-      else {
-        exprs <- parse(text = src, keep.source = FALSE, encoding = "UTF-8")
-        val <- NULL
-        for (ex in exprs) val <- eval(ex, env)
-        val
-      }
-    }, error = function(e) {
-      p <- wb_error_payload("closure", e)
-      p$message <- paste0(if (serialized) "could not load the serialized closure: "
-                          else "could not evaluate the closure source: ", conditionMessage(e))
-      cl <- conditionCall(e)
-      if (is.call(cl) && identical(cl[[1L]], quote(parse))) p["call"] <- list(NULL)   # our own call
-      failure <<- p
-      NULL
-    })
-    if (is.null(failure) && !is.function(f)) {
-      failure <- list(kind = "closure", type = "notAFunction",
-                      message = sprintf("the closure source evaluates to an object of class '%s', not a function",
-                                        paste(class(f), collapse = "/")),
-                      call = NULL, traceback = I(character(0)))
-    }
-    if (is.null(failure) && !is.null(hash)) {
-      if (length(ls(cache, all.names = TRUE)) >= 16L) rm(list = ls(cache, all.names = TRUE), envir = cache)
-      assign(hash, f, envir = cache)
-    }
-  }
+  env
+}
 
-  # the input is always read to its end, so that the socket stays in step
-  wb_expect(con, "INPUT")
-  if (!is.null(failure)) {
-    wb_nojit(arrow_skip_stream(con))
-    send_error(failure)
-    return(invisible(FALSE))
-  }
-  # decoding warnings (int64 beyond 2^53) become WARN lines in the driver's log
-  decode_warning <- function(w) {
-    log_msg(conditionMessage(w), level = "WARN")
-    invokeRestart("muffleWarning")
-  }
-  codec_failure <- function(e) {
-    p <- wb_error_payload("codec", e, column = e$column)
-    p$message <- paste0("could not decode the input: ", conditionMessage(e))
-    p
-  }
-  batch_mode <- identical(opts$batch_mode, "batch") && !length(group_by)
-  df <- NULL
-  t_read <- prof$now()
-  if (!batch_mode) {
-    df <- tryCatch(withCallingHandlers(
-                     wb_nojit(arrow_read_stream(con, int64 = int64, factors = factors,
-                                                timing = prof$timing)),
-                     warning = decode_warning),
-                   arrow_codec_error = function(e) e)
-    if (inherits(df, "arrow_codec_error")) {
-      send_error(codec_failure(df))
-      return(invisible(FALSE))
+# The function the CLOSURE frame holds (R source evaluated in env, or the R
+# package's serialized closure), or the ERROR payload saying why there is none.
+.wb$wb_eval_closure <- function(src_raw, src, serialized, env) {
+  failure <- NULL
+  f <- tryCatch({
+    if (serialized) wb_unserialize_closure(src_raw, env)
+    else {
+      exprs <- parse(text = src, keep.source = FALSE, encoding = "UTF-8")
+      val <- NULL
+      for (ex in exprs) val <- eval(ex, env)
+      val
     }
-    if (prof$on) prof$add("decode", prof$now() - t_read - prof$timing$transfer)
-    rows_in <- .row_names_info(df, 2L)
-    log_msg(wb_lifecycle("retrieved", rows = rows_in))
-    log_msg(wb_lifecycle("columns", columns = length(df)))
-    # A large input means a closure that likely runs long: let the logs out now.
-    # (Small tasks keep everything in one write at the end: no Nagle stall.)
-    if (rows_in * max(1L, length(df)) >= 100000) out$flush()
-  }
+  }, error = function(e) {
+    p <- wb_error_payload("closure", e)
+    p$message <- paste0(if (serialized) "could not load the serialized closure: "
+                        else "could not evaluate the closure source: ", conditionMessage(e))
+    cl <- conditionCall(e)
+    if (is.call(cl) && identical(cl[[1L]], quote(parse))) p["call"] <- list(NULL)   # our own call
+    failure <<- p
+    NULL
+  })
+  if (!is.null(failure)) return(failure)
+  if (!is.function(f))
+    return(list(kind = "closure", type = "notAFunction",
+                message = sprintf("the closure source evaluates to an object of class '%s', not a function",
+                                  paste(class(f), collapse = "/")),
+                call = NULL, traceback = I(character(0))))
+  f
+}
 
-  # call the closure: f(df), or f(df, context) when it takes two or more
-  # arguments or `...`; the partition index as `index_param` and the barrier
-  # infos as `barrier` when f has parameters of those names
+# How the closure is called: f(df), or f(df, context) when it takes two or
+# more arguments or `...`; the partition index as `index_param` and the barrier
+# infos as `barrier` when f has parameters of those names.  Returns
+# list(f, context, extra, call): `call` is evaluated where f, df, context and
+# extra are bound to those (wb_run_units, wb_batch_step).
+.wb$wb_closure_call <- function(f, tk) {
+  context <- tk$context
   if (!is.null(attr(f, "wb_context", exact = TRUE))) context <- attr(f, "wb_context", exact = TRUE)[[1L]]
   fmls <- formals(f)
   if (is.null(fmls) && is.primitive(f)) fmls <- formals(args(f))
   fnames <- names(fmls)
   extra <- list()
-  if (!is.null(index_param) && (index_param %in% fnames))
-    extra[[index_param]] <- task$partition
-  if (!is.null(task$barrier) && "barrier" %in% fnames) extra$barrier <- task$barrier
+  if (!is.null(tk$index_param) && (tk$index_param %in% fnames))
+    extra[[tk$index_param]] <- tk$task$partition
+  if (!is.null(tk$task$barrier) && "barrier" %in% fnames) extra$barrier <- tk$task$barrier
   positional <- setdiff(fnames, names(extra))
   two <- length(positional) >= 2L || "..." %in% fnames
   call <- as.call(c(list(quote(f), quote(df)), if (two) list(quote(context)),
                     lapply(names(extra), function(nm) call("[[", quote(extra), nm))))
   if (length(extra)) names(call) <- c("", "", if (two) "", names(extra))
-  tb_calls <- NULL
-  base <- sys.nframe()
-  # the closure's warnings become WARN lines; on an error keep only the calls
-  # (cheap: errors the closure catches itself pass through this handler too)
-  # and deparse them once the error escapes
-  closure_warning <- function(w) {
-    closure_log(conditionMessage(w), "WARN")
+  list(f = f, context = context, extra = extra, call = call)
+}
+
+# The handlers around the closure's call: its warnings become WARN lines; on
+# an error keep only the calls (cheap: errors the closure catches itself pass
+# through this handler too), deparsed by failure(e) once the error escapes.
+.wb$wb_closure_guard <- function(closure_log, base) {
+  st <- new.env(parent = emptyenv())
+  st$calls <- NULL
+  list(warning = function(w) {
+         closure_log(conditionMessage(w), "WARN")
+         invokeRestart("muffleWarning")
+       },
+       error = function(e) st$calls <- sys.calls(),
+       failure = function(e)
+         wb_error_payload("closure", e, traceback = wb_traceback(st$calls, base)))
+}
+
+# The INPUT stream, decoded with the JIT off (its batches handed to on_batch,
+# when given); decoding warnings (int64 beyond 2^53) become WARN lines in the
+# driver's log.  Returns what arrow_read_stream returns, or the condition
+# (arrow_codec_error, or wb_batch_failed from on_batch) that ended it.
+.wb$wb_read_input <- function(con, tk, on_batch = NULL) {
+  decode_warning <- function(w) {
+    tk$log(conditionMessage(w), level = "WARN")
     invokeRestart("muffleWarning")
   }
-  closure_error <- function(e) tb_calls <<- sys.calls()
-  closure_failure <- function(e)
-    wb_error_payload("closure", e, traceback = wb_traceback(tb_calls, base))
-  result_failure <- function(e) {
-    kind <- if (inherits(e, "arrow_codec_error")) "codec" else "result"
-    p <- wb_error_payload(kind, e, column = e$column)
-    p$message <- paste0("could not encode the result: ", conditionMessage(e))
-    p
-  }
-  mark_int64 <- function(res) {
-    if (isTRUE(opts$tag_units))
-      for (k in intersect(c("__wb_partition", "__wb_unit"), names(res)))
-        class(res[[k]]) <- "wb_int64"      # written as int64
-    res
-  }
+  tryCatch(withCallingHandlers(
+             wb_nojit(arrow_read_stream(con, int64 = tk$int64, factors = tk$factors,
+                                        on_batch = on_batch, timing = tk$prof$timing)),
+             warning = decode_warning),
+           wb_batch_failed = function(e) e,
+           arrow_codec_error = function(e) e)
+}
 
-  if (batch_mode) {
-    # ---- batch mode: the closure per Arrow record batch, each result streamed
-    # back at once; memory bounded by a batch.  Log lines wait while the
-    # output stream is open (they would land inside it).
-    jit <- wb_closure_jit
-    st <- new.env(parent = emptyenv())
-    st$rows_in <- 0
-    st$rows_out <- 0
-    st$batches <- 0L
-    st$failure <- NULL
-    st$output <- FALSE          # OUTPUT frame sent (with the stream's first bytes)
-    st$first_empty <- NULL      # an empty first result, written only if nothing else is
-    stop_batches <- structure(class = c("wb_batch_failed", "error", "condition"),
-                              list(message = "batch failed", call = NULL))
-    send <- prof$writer(out$write)
-    writer <- arrow_stream_writer(function(bytes) {
-      if (!st$output) {
-        wb_send_frame(send, "OUTPUT")
-        st$output <- TRUE
-      }
-      send(bytes)
-    }, batch_rows = batch_rows)
-    on_batch <- function(df) {
-      st$batches <- st$batches + 1L
-      st$rows_in <- st$rows_in + .row_names_info(df, 2L)
-      old <- compiler::enableJIT(jit)        # the closure runs under the session's JIT
-      t0 <- prof$now()
-      res <- tryCatch(withCallingHandlers(eval(call), warning = closure_warning,
-                                          error = closure_error),
-                      error = function(e) e)
-      prof$add("closure", prof$now() - t0)
-      compiler::enableJIT(old)
-      df <- NULL
-      if (inherits(res, "error")) {
-        st$failure <- closure_failure(res)
-        stop(stop_batches)
-      }
-      prep <- tryCatch(arrow_prepare_frame(mark_int64(wb_tag(wb_as_frame(res), task, opts, 0L))),
-                       error = function(e) e)
-      res <- NULL
-      if (inherits(prep, "error")) {
-        st$failure <- result_failure(prep)
-        stop(stop_batches)
-      }
-      if (prep$nrow == 0L) {
-        if (is.null(st$first_empty) && !writer$started()) st$first_empty <- prep
-        return(invisible(NULL))
-      }
-      t0 <- prof$now()
-      sent <- prof$send_time()
-      err <- tryCatch({ writer$write(prep); NULL }, arrow_codec_error = function(e) e)
-      prof$add("encode", prof$now() - t0 - (prof$send_time() - sent))
-      if (!is.null(err)) {
-        st$failure <- result_failure(err)
-        stop(stop_batches)
-      }
-      st$rows_out <- st$rows_out + prep$nrow
-      # results leave in writes of ~256 KB (or once a second): a bounded
-      # buffer, without a send per small batch
-      if (out$pending() >= 262144 || out$since_flush() > 1) out$flush()
-      invisible(NULL)
-    }
-    logs$hold()
-    got <- tryCatch(withCallingHandlers(
-                      wb_nojit(arrow_read_stream(con, int64 = int64, factors = factors,
-                                                 on_batch = on_batch, timing = prof$timing)),
-                      warning = decode_warning),
-                    wb_batch_failed = function(e) e,
-                    arrow_codec_error = function(e) e)
-    if (inherits(got, "arrow_codec_error")) st$failure <- codec_failure(got)
-    if (prof$on)                   # what the reading took besides the batches' own work
-      prof$add("decode", prof$now() - t_read - prof$timing$transfer - sum(unlist(prof$timing$phases)))
-    if (st$output) writer$close()              # end the stream before anything else
-    logs$release()
-    if (!is.null(st$failure)) {
-      send_error(st$failure)
-      return(invisible(FALSE))
-    }
-    if (!st$output) {
-      # no row came back: the first (empty) result, or no columns at all
-      writer$write(if (!is.null(st$first_empty)) st$first_empty
-                   else structure(list(), names = character(0), class = "data.frame",
-                                  row.names = integer(0)))
-      writer$close()
-    }
-    log_msg(wb_lifecycle("retrieved", rows = st$rows_in))
-    log_msg(wb_lifecycle("columns", columns = length(got$names)))
-    log_msg(wb_lifecycle("applied", rows = st$rows_in, detail = sprintf(" in %d batches", st$batches)))
-    log_msg(wb_lifecycle("returned", rows = st$rows_out))
-    if (prof$on) log_msg(prof$line())
-    log_msg(wb_lifecycle("finished"))
-    wb_send_json(out$write, "DONE", list(rows_in = st$rows_in, rows_out = st$rows_out))
-    return(invisible(TRUE))
-  }
+.wb$wb_codec_failure <- function(e) {
+  p <- wb_error_payload("codec", e, column = e$column)
+  p$message <- paste0("could not decode the input: ", conditionMessage(e))
+  p
+}
 
-  units <- if (length(group_by)) wb_split_groups(df, group_by) else list(NULL)
-  # evaluates `call` with `df` bound to the partition, or to each group of it
-  run_units <- function(whole) {
-    res <- vector("list", length(units))
-    for (u in seq_along(units)) {
-      rows <- units[[u]]
-      df <- if (is.null(rows)) whole
-            else structure(lapply(whole, function(x) x[rows]), names = names(whole),
-                           class = "data.frame", row.names = .set_row_names(length(rows)))
-      res[u] <- list(wb_with_closure_jit(eval(call)))
-    }
-    res
-  }
+.wb$wb_result_failure <- function(e) {
+  kind <- if (inherits(e, "arrow_codec_error")) "codec" else "result"
+  p <- wb_error_payload(kind, e, column = e$column)
+  p$message <- paste0("could not encode the result: ", conditionMessage(e))
+  p
+}
+
+.wb$wb_mark_int64 <- function(res, opts) {
+  if (isTRUE(opts$tag_units))
+    for (k in intersect(c("__wb_partition", "__wb_unit"), names(res)))
+      class(res[[k]]) <- "wb_int64"      # written as int64
+  res
+}
+
+# ---- partition mode: the whole input as one data.frame, the closure on it
+# (or on each group of it), the results as one output stream.
+.wb$wb_run_partition <- function(con, tk, f, base) {
+  prof <- tk$prof
+  out <- tk$out
+  t_read <- prof$now()
+  df <- wb_read_input(con, tk)
+  if (inherits(df, "arrow_codec_error")) return(wb_task_failed(tk, wb_codec_failure(df)))
+  if (prof$on) prof$add("decode", prof$now() - t_read - prof$timing$transfer)
+  rows_in <- .row_names_info(df, 2L)
+  tk$log(wb_lifecycle("retrieved", rows = rows_in))
+  tk$log(wb_lifecycle("columns", columns = length(df)))
+  # A large input means a closure that likely runs long: let the logs out now.
+  # (Small tasks keep everything in one write at the end: no Nagle stall.)
+  if (rows_in * max(1L, length(df)) >= 100000) out$flush()
+
+  cl <- wb_closure_call(f, tk)
+  units <- if (length(tk$group_by)) wb_split_groups(df, tk$group_by) else list(NULL)
+  guard <- wb_closure_guard(tk$closure_log, base)
   t0 <- prof$now()
   result <- tryCatch(
-    withCallingHandlers(run_units(df), warning = closure_warning, error = closure_error),
+    withCallingHandlers(wb_run_units(cl, df, units), warning = guard$warning, error = guard$error),
     error = function(e) e)
   prof$add("closure", prof$now() - t0)
-  if (inherits(result, "error")) {
-    send_error(closure_failure(result))
-    return(invisible(FALSE))
-  }
-  log_msg(wb_lifecycle("applied", rows = rows_in,
-                       detail = if (length(group_by)) sprintf(" in %d groups", length(units)) else ""))
+  if (inherits(result, "error")) return(wb_task_failed(tk, guard$failure(result)))
+  tk$log(wb_lifecycle("applied", rows = rows_in,
+                      detail = if (length(tk$group_by)) sprintf(" in %d groups", length(units)) else ""))
 
   t0 <- prof$now()
-  prep <- tryCatch({
+  prep <- wb_prepare_result(result, df, units, tk)
+  if (inherits(prep, "error")) return(wb_task_failed(tk, wb_result_failure(prep)))
+  rows_out <- prep$nrow
+  tk$log(wb_lifecycle("returned", rows = rows_out))
+  wb_send_frame(out$write, "OUTPUT")
+  wb_nojit(arrow_write_stream(prep, prof$writer(out$write), batch_rows = tk$batch_rows))
+  prof$add("encode", prof$now() - t0 - prof$send_time())
+  wb_task_done(tk, rows_in, rows_out)
+}
+
+# Evaluates the closure's call with `df` bound to the partition (`whole`), or
+# to each group of it (units: each group's rows, or list(NULL) for the whole).
+.wb$wb_run_units <- function(cl, whole, units) {
+  f <- cl$f
+  context <- cl$context
+  extra <- cl$extra
+  res <- vector("list", length(units))
+  for (u in seq_along(units)) {
+    rows <- units[[u]]
+    df <- if (is.null(rows)) whole
+          else structure(lapply(whole, function(x) x[rows]), names = names(whole),
+                         class = "data.frame", row.names = .set_row_names(length(rows)))
+    res[u] <- list(wb_with_closure_jit(eval(cl$call)))
+  }
+  res
+}
+
+# The closure's results as one prepared frame: with groups, each given the key
+# columns it lacks, empty ones dropped, tagged and row-bound; or the error.
+.wb$wb_prepare_result <- function(result, df, units, tk) {
+  task <- tk$task
+  opts <- tk$opts
+  group_by <- tk$group_by
+  tryCatch({
     frames <- lapply(result, wb_as_frame)
     if (length(group_by)) {
       frames <- lapply(seq_along(frames), function(u) wb_with_keys(frames[[u]], df, units[[u]], group_by))
@@ -769,28 +763,123 @@ local({
     } else {
       res <- wb_tag(frames[[1L]], task, opts, 0L)
     }
-    wb_nojit(arrow_prepare_frame(mark_int64(res)))
+    wb_nojit(arrow_prepare_frame(wb_mark_int64(res, opts)))
   }, error = function(e) e)
-  if (inherits(prep, "error")) {
-    send_error(result_failure(prep))
-    return(invisible(FALSE))
+}
+
+# ---- batch mode: the closure per Arrow record batch, each result streamed
+# back at once; memory bounded by a batch.  Log lines wait while the output
+# stream is open (they would land inside it).
+.wb$wb_run_batches <- function(con, tk, f, base) {
+  prof <- tk$prof
+  t_read <- prof$now()
+  st <- new.env(parent = emptyenv())
+  st$rows_in <- 0
+  st$rows_out <- 0
+  st$batches <- 0L
+  st$failure <- NULL
+  st$output <- FALSE          # OUTPUT frame sent (with the stream's first bytes)
+  st$first_empty <- NULL      # an empty first result, written only if nothing else is
+  cl <- wb_closure_call(f, tk)
+  guard <- wb_closure_guard(tk$closure_log, base)
+  writer <- wb_output_writer(tk, st)
+  on_batch <- wb_batch_step(cl, tk, st, writer, guard)
+  tk$logs$hold()
+  got <- wb_read_input(con, tk, on_batch)
+  if (inherits(got, "arrow_codec_error")) st$failure <- wb_codec_failure(got)
+  if (prof$on)                   # what the reading took besides the batches' own work
+    prof$add("decode", prof$now() - t_read - prof$timing$transfer - sum(unlist(prof$timing$phases)))
+  if (st$output) writer$close()              # end the stream before anything else
+  tk$logs$release()
+  if (!is.null(st$failure)) return(wb_task_failed(tk, st$failure))
+  if (!st$output) {
+    # no row came back: the first (empty) result, or no columns at all
+    writer$write(if (!is.null(st$first_empty)) st$first_empty
+                 else structure(list(), names = character(0), class = "data.frame",
+                                row.names = integer(0)))
+    writer$close()
   }
-  rows_out <- prep$nrow
-  log_msg(wb_lifecycle("returned", rows = rows_out))
-  wb_send_frame(out$write, "OUTPUT")
-  wb_nojit(arrow_write_stream(prep, prof$writer(out$write), batch_rows = batch_rows))
-  prof$add("encode", prof$now() - t0 - prof$send_time())
-  if (prof$on) log_msg(prof$line())
-  log_msg(wb_lifecycle("finished"))
-  wb_send_json(out$write, "DONE", list(rows_in = rows_in, rows_out = rows_out))
-  invisible(TRUE)
+  tk$log(wb_lifecycle("retrieved", rows = st$rows_in))
+  tk$log(wb_lifecycle("columns", columns = length(got$names)))
+  tk$log(wb_lifecycle("applied", rows = st$rows_in, detail = sprintf(" in %d batches", st$batches)))
+  tk$log(wb_lifecycle("returned", rows = st$rows_out))
+  wb_task_done(tk, st$rows_in, st$rows_out)
+}
+
+# Batch mode's output stream: an OUTPUT frame goes with its first bytes
+# (st$output), all of it through the profiler's send timing.
+.wb$wb_output_writer <- function(tk, st) {
+  send <- tk$prof$writer(tk$out$write)
+  arrow_stream_writer(function(bytes) {
+    if (!st$output) {
+      wb_send_frame(send, "OUTPUT")
+      st$output <- TRUE
+    }
+    send(bytes)
+  }, batch_rows = tk$batch_rows)
+}
+
+# Batch mode's on_batch(df): the closure on one input batch (under the
+# session's JIT), its result prepared and written.  A failure is kept in
+# st$failure and ends the reading with a wb_batch_failed condition.
+.wb$wb_batch_step <- function(cl, tk, st, writer, guard) {
+  f <- cl$f
+  context <- cl$context
+  extra <- cl$extra
+  call <- cl$call
+  prof <- tk$prof
+  out <- tk$out
+  task <- tk$task
+  opts <- tk$opts
+  jit <- wb_closure_jit
+  stop_batches <- structure(class = c("wb_batch_failed", "error", "condition"),
+                            list(message = "batch failed", call = NULL))
+  fail <- function(payload) {
+    st$failure <- payload
+    stop(stop_batches)
+  }
+  function(df) {
+    st$batches <- st$batches + 1L
+    st$rows_in <- st$rows_in + .row_names_info(df, 2L)
+    old <- compiler::enableJIT(jit)        # the closure runs under the session's JIT
+    t0 <- prof$now()
+    res <- tryCatch(withCallingHandlers(eval(call), warning = guard$warning, error = guard$error),
+                    error = function(e) e)
+    prof$add("closure", prof$now() - t0)
+    compiler::enableJIT(old)
+    df <- NULL
+    if (inherits(res, "error")) fail(guard$failure(res))
+    prep <- tryCatch(arrow_prepare_frame(wb_mark_int64(wb_tag(wb_as_frame(res), task, opts, 0L), opts)),
+                     error = function(e) e)
+    res <- NULL
+    if (inherits(prep, "error")) fail(wb_result_failure(prep))
+    if (prep$nrow == 0L) {
+      if (is.null(st$first_empty) && !writer$started()) st$first_empty <- prep
+      return(invisible(NULL))
+    }
+    t0 <- prof$now()
+    sent <- prof$send_time()
+    err <- tryCatch({ writer$write(prep); NULL }, arrow_codec_error = function(e) e)
+    prof$add("encode", prof$now() - t0 - (prof$send_time() - sent))
+    if (!is.null(err)) fail(wb_result_failure(err))
+    st$rows_out <- st$rows_out + prep$nrow
+    # results leave in writes of ~256 KB (or once a second): a bounded
+    # buffer, without a send per small batch
+    if (out$pending() >= 262144 || out$since_flush() > 1) out$flush()
+    invisible(NULL)
+  }
 }
 
 # Give the child's functions the child environment as their home.
 local({
   for (nm in c("wb_child_main", "wb_log_channel", "wb_error_payload", "wb_deparse_call", "wb_as_frame", "wb_run_task",
                "wb_nojit", "wb_with_closure_jit", "wb_profiler", "wb_traceback", "wb_split_groups", "wb_key_codes", "wb_with_keys", "wb_rbind", "wb_bind_column", "wb_tag",
-               "wb_watch_parent", "wb_baseline", "wb_enter_job", "wb_unserialize_closure"))
+               "wb_watch_parent", "wb_baseline", "wb_enter_job", "wb_unserialize_closure",
+               "wb_task_setup", "wb_task_failed", "wb_task_done", "wb_load_closure", "wb_load_packages",
+               "wb_cached_closure", "wb_closure_env", "wb_eval_closure", "wb_closure_call",
+               "wb_closure_guard", "wb_read_input", "wb_codec_failure", "wb_result_failure",
+               "wb_mark_int64", "wb_run_partition", "wb_run_units", "wb_prepare_result",
+               "wb_run_batches", "wb_output_writer", "wb_batch_step"))
     environment(.wb[[nm]]) <- .wb
 })
 
