@@ -237,8 +237,11 @@ local({
 
 # The deparsed calls of the closure's frames at an error, from `calls` (the
 # sys.calls() seen by the calling handler).  Frames: ... wb_run_task (`base`),
-# tryCatch internals, withCallingHandlers, f(df) ... the user's frames ...,
-# [.handleSimpleError], the handler.  Long tracebacks keep their ends.
+# the run steps with their tryCatch and withCallingHandlers frames
+# (wb_run_partition ... wb_run_units, or wb_run_batches ... the reader's
+# on_batch), eval, f(df) ... the user's frames ..., [.handleSimpleError], the
+# handler: the traceback starts at the first f(...).  Long tracebacks keep
+# their ends.
 .wb$wb_traceback <- function(calls, base, keep_max = 100L) {
   if (is.null(calls)) return(character(0))
   idx <- seq_along(calls)
