@@ -92,6 +92,7 @@ def main() -> None:
                 child = psutil.Process(worker.child.pid)
             child_cpu.append(sum(child.cpu_times()[:2]) - before)
             assert rows == (args.groups or args.rows)
+        peak = child_peak_rss(child.pid)
         if args.profile:          # the warm tasks only
             print(summarize(tasks_from_events(gw.events())[1:]))
     finally:
@@ -103,6 +104,17 @@ def main() -> None:
     # CPU seconds move far less than wall time on a loaded machine
     print(f"median CPU of the warm tasks: child {statistics.median(child_cpu[1:]):.3f} s, "
           f"Worker {statistics.median(own_cpu[1:]):.3f} s")
+    print(f"peak RSS of the child over all tasks (VmHWM): {peak / 2**20:.0f} MB")
+
+
+def child_peak_rss(pid: int) -> int:
+    """The child's high-water resident set (Linux /proc VmHWM), in bytes: the
+    true peak, where sampling would miss a short one."""
+    with open(f"/proc/{pid}/status") as f:
+        for row in f:
+            if row.startswith("VmHWM:"):
+                return int(row.split()[1]) * 1024
+    return 0
 
 
 if __name__ == "__main__":

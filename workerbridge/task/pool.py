@@ -25,8 +25,9 @@ MAX_IDLE_TOTAL = 4
 
 
 @dataclass
-class Warm:
-    """A connected, authenticated, idle child."""
+class Link:
+    """A child with its authenticated connection: new, running a task, or
+    idle in the pool between tasks."""
 
     child: Any                  # supervise.Child
     conn: Any                   # socket.socket
@@ -45,30 +46,30 @@ class Warm:
 
 class Pool:
     def __init__(self):
-        self._idle: dict[tuple, list[Warm]] = {}
+        self._idle: dict[tuple, list[Link]] = {}
         self._lock = threading.Lock()
         self._reaper: Optional[threading.Thread] = None
         self.idle_timeout = 60.0
 
-    def take(self, key: tuple) -> Optional[Warm]:
+    def take(self, key: tuple) -> Optional[Link]:
         """An idle child for ``key`` that is still alive, or None."""
         while True:
             with self._lock:
                 entries = self._idle.get(key)
                 if not entries:
                     return None
-                warm = entries.pop()
-            if warm.child.poll() is None:
-                return warm
-            warm.close()                                   # died while idle
+                link = entries.pop()
+            if link.child.poll() is None:
+                return link
+            link.close()                                   # died while idle
 
-    def give(self, key: tuple, warm: Warm, idle_timeout: float) -> None:
-        warm.idle_since = time.monotonic()
-        evicted: list[Warm] = []
+    def give(self, key: tuple, link: Link, idle_timeout: float) -> None:
+        link.idle_since = time.monotonic()
+        evicted: list[Link] = []
         with self._lock:
             self.idle_timeout = idle_timeout
             entries = self._idle.setdefault(key, [])
-            entries.append(warm)
+            entries.append(link)
             while len(entries) > MAX_IDLE_PER_KEY:
                 evicted.append(entries.pop(0))
             while self.size_locked() > MAX_IDLE_TOTAL:
@@ -103,7 +104,7 @@ class Pool:
         while True:
             time.sleep(max(0.1, min(1.0, self.idle_timeout / 4)))
             now = time.monotonic()
-            expired: list[Warm] = []
+            expired: list[Link] = []
             with self._lock:
                 for key, entries in list(self._idle.items()):
                     keep = [w for w in entries if now - w.idle_since <= self.idle_timeout

@@ -14,6 +14,7 @@ The same code runs on the driver for schema inference (no output schema).
 
 from __future__ import annotations
 
+import enum
 import io
 import itertools
 import json
@@ -40,7 +41,7 @@ from .backend import accept_child, new_selector
 from . import dictionary
 from .conform import conform
 from .logsink import LogSink
-from .pool import POOL, Warm
+from .pool import POOL, Link
 from .spec import R_LANG, TaskSpec
 from .supervise import Child, exit_name, format_bytes, tree_rss
 
@@ -71,6 +72,18 @@ def r_heap_args(memory_limit: Optional[int]) -> list:
     vsize = R_MIN_VSIZE if memory_limit is None else \
         max(16 * 2**20, min(R_MIN_VSIZE, memory_limit // 4))
     return [f"--min-vsize={vsize // 2**20}M"]
+
+
+class State(enum.Enum):
+    """Where a Worker's task is; ``_release`` reads it to know what to end."""
+
+    NEW = "new"                 # nothing started
+    CHECKOUT = "checkout"       # taking a warm child, or starting and connecting one
+    SEND = "send"               # the task's TASK/CLOSURE/INPUT frames going out
+    STREAM = "stream"           # input out on the writer thread, the result coming in
+    FINISH = "finish"           # DONE read: counts checked, stats logged
+    POOLED = "pooled"           # the child went back to the pool (it stays alive)
+    DONE = "done"               # the child was told BYE and ended
 
 
 class _Gone(Exception):
@@ -142,6 +155,9 @@ class Worker:
         self.language = spec.closure.language_name
         self.log = LogSink(task_id, spec.gateway)
         self.child: Optional[Child] = None
+        self.link: Optional[Link] = None         # the child's connection, once checked out
+        self.writer: Optional[threading.Thread] = None
+        self.state = State.NEW
         self.stats: dict = {}
         self._writer_error: Optional[BaseException] = None
         self.shipped: dict = {}              # artifact kind -> its unpacked directory
@@ -168,50 +184,19 @@ class Worker:
             self.log.flush()
 
     def _run(self, first: pa.RecordBatch, rest: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        """checkout -> send the task -> stream -> finish; ``self.state`` says
+        which step the task is in, and what cleanup it needs."""
         opts = self.spec.options
         self._started = time.monotonic()
         self._deadline = self._started + opts.timeout if opts.timeout else None
         self._unpack_shipped()
         argv, env = self._command()
         key = (tuple(argv), tuple(sorted(opts.env.items())), self.spec.runtime_digest)
-        warm: Optional[Warm] = None
-        writer: Optional[threading.Thread] = None
-        kept = False
         try:
-            warm = POOL.take(key) if opts.reuse else None
-            if warm is not None:
-                self.child = warm.child
-                self.log.write("Worker", line("reused", role=self.role, pid=warm.child.pid,
-                                                tasks=warm.tasks))
-            else:
-                warm = self._start(argv, env)
-            warm.reader.watch = lambda data_ready: self._watch(self._deadline, "timeout", data_ready)
-            P.send_json(warm.conn, P.TASK, self._task_json())
-            # A warm child that has this closure of this job already gets an empty CLOSURE frame.
-            same = warm.digest == self.closure.digest and warm.job == self.spec.job
-            P.send_frame(warm.conn, P.CLOSURE, b"" if same else self.closure.code)
-            P.send_frame(warm.conn, P.INPUT)
-            writer = threading.Thread(target=self._write_input, args=(warm.conn, first, rest),
-                                      name="workerbridge-input", daemon=True)
-            writer.start()
-            yield from self._read_result(warm.stream)
-            self._check_counts(writer)
-            if opts.memory_limit:                 # one last sample: short tasks never wait
-                self.stats["peak_rss"] = max(self.stats.get("peak_rss", 0), tree_rss(self.child.pid))
-            writer.join(5.0)
-            warm.digest, warm.job, warm.tasks = self.closure.digest, self.spec.job, warm.tasks + 1
-            self.log.write("Worker", line("completed", language=self.language))
-            if "peak_rss" in self.stats:
-                self.log.write("Worker", f"peak RSS of the {self.role} process tree "
-                                         f"{format_bytes(self.stats['peak_rss'])}")
-            if opts.reuse and not writer.is_alive():
-                POOL.give(key, warm, opts.idle_timeout)
-                kept = True
-                self.log.write("Worker", line("kept", role=self.role, pid=warm.child.pid))
-            else:
-                P.send_frame(warm.conn, P.BYE)
-                self.child.close_stdin()
-                self.child.wait(1.0)
+            self._checkout(key, argv, env)
+            self._send_task()
+            yield from self._stream(first, rest)
+            self._finish(key)
         except GeneratorExit:
             raise
         except _Breach as e:
@@ -223,20 +208,80 @@ class Worker:
                 raise
             raise self._classify(e) from e
         finally:
-            if not kept:
-                # Never reused after an error, a breach or an early stop.
-                if warm is not None:
-                    P.close_quietly(warm.stream, warm.conn)
-                if self.child is not None:
-                    left = self.child.end()
-                    if left:
-                        self.log.write("Worker", f"could not end processes {left}", "ERROR")
-                    self.child.release()
-            if writer is not None:
-                writer.join(5.0)
+            self._release()
 
     # ---- steps ------------------------------------------------------------------------
-    def _start(self, argv: list, env: dict) -> Warm:
+    def _checkout(self, key: tuple, argv: list, env: dict) -> None:
+        """A warm child from the pool (reuse on), else a new one, connected."""
+        self.state = State.CHECKOUT
+        link = POOL.take(key) if self.spec.options.reuse else None
+        if link is not None:
+            self.link, self.child = link, link.child
+            self.log.write("Worker", line("reused", role=self.role, pid=link.child.pid,
+                                            tasks=link.tasks))
+        else:
+            self.link = self._start(argv, env)
+        self.link.reader.watch = lambda data_ready: self._watch(self._deadline, "timeout",
+                                                                data_ready)
+
+    def _send_task(self) -> None:
+        """TASK, then CLOSURE (empty when the child has this closure of this job
+        already), then INPUT: the Arrow stream follows on the writer thread."""
+        self.state = State.SEND
+        link = self.link
+        P.send_json(link.conn, P.TASK, self._task_json())
+        same = link.digest == self.closure.digest and link.job == self.spec.job
+        P.send_frame(link.conn, P.CLOSURE, b"" if same else self.closure.code)
+        P.send_frame(link.conn, P.INPUT)
+
+    def _stream(self, first: pa.RecordBatch,
+                rest: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        """Input out on the writer thread while the result comes in, until DONE."""
+        self.state = State.STREAM
+        self.writer = threading.Thread(target=self._write_input,
+                                       args=(self.link.conn, first, rest),
+                                       name="workerbridge-input", daemon=True)
+        self.writer.start()
+        yield from self._read_result(self.link.stream)
+
+    def _finish(self, key: tuple) -> None:
+        """Counts checked, stats logged, then the child back to the pool or ended."""
+        self.state = State.FINISH
+        opts, link = self.spec.options, self.link
+        self._check_counts(self.writer)
+        if opts.memory_limit:                 # one last sample: short tasks never wait
+            self.stats["peak_rss"] = max(self.stats.get("peak_rss", 0), tree_rss(self.child.pid))
+        self.writer.join(5.0)
+        link.digest, link.job, link.tasks = self.closure.digest, self.spec.job, link.tasks + 1
+        self.log.write("Worker", line("completed", language=self.language))
+        if "peak_rss" in self.stats:
+            self.log.write("Worker", f"peak RSS of the {self.role} process tree "
+                                     f"{format_bytes(self.stats['peak_rss'])}")
+        if opts.reuse and not self.writer.is_alive():
+            POOL.give(key, link, opts.idle_timeout)
+            self.state = State.POOLED
+            self.log.write("Worker", line("kept", role=self.role, pid=link.child.pid))
+        else:
+            P.send_frame(link.conn, P.BYE)
+            self.child.close_stdin()
+            self.child.wait(1.0)
+            self.state = State.DONE
+
+    def _release(self) -> None:
+        """Whatever the state: a child not handed to the pool is ended (never
+        reused after an error, a breach or an early stop); the writer joined."""
+        if self.state is not State.POOLED:
+            if self.link is not None:
+                P.close_quietly(self.link.stream, self.link.conn)
+            if self.child is not None:
+                left = self.child.end()
+                if left:
+                    self.log.write("Worker", f"could not end processes {left}", "ERROR")
+                self.child.release()
+        if self.writer is not None:
+            self.writer.join(5.0)
+
+    def _start(self, argv: list, env: dict) -> Link:
         """A new child, connected and authenticated."""
         listener = socket.create_server(("127.0.0.1", 0), backlog=16)
         try:
@@ -248,7 +293,7 @@ class Worker:
             self.log.write("Worker", line("waiting", role=self.role, port=port))
             conn, stream = self._accept(listener, secret,
                                         self._started + self.spec.options.connect_timeout)
-            return Warm(self.child, conn, stream, stream.raw)
+            return Link(self.child, conn, stream, stream.raw)
         finally:
             listener.close()                      # a second connection is refused
 
