@@ -758,7 +758,6 @@ local({
     if (length(group_by)) {
       frames <- lapply(seq_along(frames), function(u) wb_with_keys(frames[[u]], df, units[[u]], group_by))
       keep <- vapply(frames, function(x) .row_names_info(x, 2L) > 0L, NA)
-      units_kept <- which(keep)
       frames <- frames[keep]
       frames <- lapply(seq_along(frames), function(u) wb_tag(frames[[u]], task, opts, u - 1L))
       res <- if (length(frames)) wb_rbind(frames)
