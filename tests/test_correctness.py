@@ -208,3 +208,20 @@ def test_python_identity_keeps_maps_structs_decimals_and_null_columns(spark):
     assert sorted(map(repr, given_schema)) == sorted(map(repr, df.collect()))
     inferred = spark_apply(df, lambda d: d)
     assert inferred.schema.simpleString() == df.schema.simpleString()
+
+
+@pytest.mark.parametrize("distinct", [True, False], ids=["distinct", "repeated"])
+def test_large_string_partitions_reach_pandas_unchanged(spark, distinct):
+    """Past the de-duplication sample (pandas shares str objects only when a
+    column repeats) every value still arrives and returns exactly: Spark's own
+    rows are the oracle."""
+    from pyspark.sql import functions as F
+    n = 20_000
+    s = F.concat(F.lit("v"), (F.col("id") if distinct else F.col("id") % 7).cast("string"))
+    df = spark.range(n, numPartitions=2).select("id", s.alias("s"),
+                                                F.when(F.col("id") % 5 == 0, None).otherwise(s).alias("t"))
+    got = spark_apply(df, lambda d: d.assign(u=d.s + "|" + d.t.fillna("-")),
+                      schema="id long, s string, t string, u string")
+    want = df.select("*", F.concat_ws("|", "s", F.coalesce("t", F.lit("-"))).alias("u"))
+    assert got.exceptAll(want).count() == 0 and want.exceptAll(got).count() == 0
+    assert got.count() == n

@@ -459,13 +459,39 @@ def to_pandas(table):
                 pa.uint8(): pd.UInt8Dtype(), pa.uint16(): pd.UInt16Dtype(),
                 pa.uint32(): pd.UInt32Dtype(), pa.uint64(): pd.UInt64Dtype(),
                 pa.bool_(): pd.BooleanDtype()}
-    frame = table.to_pandas()
+    frame = table.to_pandas(deduplicate_objects=_repeats_strings(table))
     for i, col in enumerate(table.columns):
         if col.null_count and col.type in nullable:
             frame.isetitem(i, col.to_pandas(types_mapper=nullable.get))
         elif _int_list_with_nulls(col, nullable):    # numpy would make the values float
             frame.isetitem(i, pd.Series(col.to_pylist(), dtype=object))
     return frame
+
+
+DEDUPE_SAMPLE_ROWS = 4096
+
+
+def _repeats_strings(table) -> bool:
+    """Whether pandas should share one str object per distinct value: when a
+    string or binary column repeats within its first DEDUPE_SAMPLE_ROWS rows.
+    pyarrow's de-duplication hashes every value; on 2.5M distinct strings it
+    cost 1.0 s against 0.18 s without, while on 1,000 repeated keys it is
+    faster (0.08 s against 0.26 s) and smaller (335 MB against 488 MB peak).
+    Either way the values are the same."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    if table.num_rows <= DEDUPE_SAMPLE_ROWS:       # small (a group, say): hashing is cheap
+        return True
+    for col in table.columns:
+        t = col.type
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t)
+                or pa.types.is_binary(t) or pa.types.is_large_binary(t)):
+            continue
+        sample = col.slice(0, DEDUPE_SAMPLE_ROWS)
+        valid = len(sample) - sample.null_count
+        if valid > 1 and pc.count_distinct(sample, mode="only_valid").as_py() < valid:
+            return True
+    return False
 
 
 def _int_list_with_nulls(col, nullable: dict) -> bool:
