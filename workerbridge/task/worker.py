@@ -248,16 +248,15 @@ class Worker:
         """Counts checked, stats logged, then the child back to the pool or ended."""
         self.state = State.FINISH
         opts, link = self.spec.options, self.link
-        self._check_counts(self.writer)
+        self._check_counts(self.writer)       # the writer has ended, or this raised
         if opts.memory_limit:                 # one last sample: short tasks never wait
             self.stats["peak_rss"] = max(self.stats.get("peak_rss", 0), tree_rss(self.child.pid))
-        self.writer.join(5.0)
         link.digest, link.job, link.tasks = self.closure.digest, self.spec.job, link.tasks + 1
         self.log.write("Worker", line("completed", language=self.language))
         if "peak_rss" in self.stats:
             self.log.write("Worker", f"peak RSS of the {self.role} process tree "
                                      f"{format_bytes(self.stats['peak_rss'])}")
-        if opts.reuse and not self.writer.is_alive():
+        if opts.reuse:
             POOL.give(key, link, opts.idle_timeout)
             self.state = State.POOLED
             self.log.write("Worker", line("kept", role=self.role, pid=link.child.pid))
