@@ -12,6 +12,7 @@ from wbtest import ROOT, RUNTIME
 from workerbridge.driver.closure import R, pack
 from workerbridge.driver.gateway import Gateway
 from workerbridge.task import dictionary
+from workerbridge.wire import repeats
 from workerbridge.task.spec import TaskSpec, WorkerOptions
 from workerbridge.task.worker import Worker
 
@@ -25,22 +26,22 @@ def keyed(n: int, k: int) -> pa.Array:
 
 @pytest.mark.parametrize("k", [1, 50, 1000, 20_000])
 def test_estimate_from_the_sample(k):
-    sample = keyed(dictionary.SAMPLE_ROWS, k)
+    sample = keyed(repeats.SAMPLE_ROWS, k)
     distinct = len(sample.unique())
-    est = dictionary.estimated_distinct(distinct, len(sample))
+    est = repeats.estimated_distinct(distinct, len(sample))
     assert k / 2 <= est <= 2 * k, (k, distinct, est)
 
 
 def test_the_rule_on_generated_columns():
     n = 100_000
-    assert dictionary.repeats_enough(keyed(n, 10))
-    assert dictionary.repeats_enough(keyed(n, 5_000))
-    assert dictionary.repeats_enough(keyed(n, 20_000))             # est. 20k <= n/2
-    assert not dictionary.repeats_enough(pa.array([f"s{i}" for i in range(n)]))
+    assert repeats.repeats_enough(keyed(n, 10))
+    assert repeats.repeats_enough(keyed(n, 5_000))
+    assert repeats.repeats_enough(keyed(n, 20_000))             # est. 20k <= n/2
+    assert not repeats.repeats_enough(pa.array([f"s{i}" for i in range(n)]))
     nearly = pa.array([f"k{i}" for i in RNG.integers(0, 50 * n, n)])   # nearly all distinct
-    assert not dictionary.repeats_enough(nearly)
-    assert not dictionary.repeats_enough(pa.nulls(n, pa.string()))
-    assert not dictionary.repeats_enough(keyed(1, 1))
+    assert not repeats.repeats_enough(nearly)
+    assert not repeats.repeats_enough(pa.nulls(n, pa.string()))
+    assert not repeats.repeats_enough(keyed(1, 1))
     batch = pa.record_batch({"k": keyed(n, 100), "u": pa.array([str(i) for i in range(n)]),
                              "x": pa.array(np.arange(n)), "lk": keyed(n, 7).cast(pa.large_string())})
     assert dictionary.repeated_string_columns(batch) == [0, 3]

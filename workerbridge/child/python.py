@@ -468,30 +468,21 @@ def to_pandas(table):
     return frame
 
 
-DEDUPE_SAMPLE_ROWS = 4096
-
-
 def _repeats_strings(table) -> bool:
-    """Whether pandas should share one str object per distinct value: when a
-    string or binary column repeats within its first DEDUPE_SAMPLE_ROWS rows.
-    pyarrow's de-duplication hashes every value; on 2.5M distinct strings it
-    cost 1.0 s against 0.18 s without, while on 1,000 repeated keys it is
-    faster (0.08 s against 0.26 s) and smaller (335 MB against 488 MB peak).
-    Either way the values are the same."""
+    """Whether pandas should share one str object per distinct value: for a
+    small table, or when a string or binary column repeats enough
+    (``wire.repeats``).  pyarrow's de-duplication hashes every value; on 2.5M
+    distinct strings it cost 1.0 s against 0.18 s without, while on 1,000
+    repeated keys it is faster (0.08 s against 0.26 s) and smaller (335 MB
+    against 488 MB peak).  Either way the values are the same."""
     import pyarrow as pa
-    import pyarrow.compute as pc
-    if table.num_rows <= DEDUPE_SAMPLE_ROWS:       # small (a group, say): hashing is cheap
+
+    from workerbridge.wire.repeats import SAMPLE_ROWS, repeats_enough
+    if table.num_rows <= SAMPLE_ROWS:              # small (a group, say): hashing is cheap
         return True
-    for col in table.columns:
-        t = col.type
-        if not (pa.types.is_string(t) or pa.types.is_large_string(t)
-                or pa.types.is_binary(t) or pa.types.is_large_binary(t)):
-            continue
-        sample = col.slice(0, DEDUPE_SAMPLE_ROWS)
-        valid = len(sample) - sample.null_count
-        if valid > 1 and pc.count_distinct(sample, mode="only_valid").as_py() < valid:
-            return True
-    return False
+    return any(repeats_enough(col) for col in table.columns
+               if pa.types.is_string(col.type) or pa.types.is_large_string(col.type)
+               or pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type))
 
 
 def _int_list_with_nulls(col, nullable: dict) -> bool:

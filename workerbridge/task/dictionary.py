@@ -8,10 +8,9 @@ their plain types before they are cast to the output schema.  Does not cover:
 the Python child (pandas would turn dictionaries into categoricals, which
 changes what the closure sees), the codec itself (``rscripts/arrow_ipc.R``).
 
-The rule, shared with ``rscripts/arrow_ipc.R`` (``.ai_repeats``): count the
-distinct values of the first ``SAMPLE_ROWS`` rows, estimate the column's
-distinct count from it, and encode when that estimate is at most
-``MAX_DISTINCT_FRACTION`` of the rows.  Measured (bench/worker_loop.py
+The rule (``wire.repeats``, shared with ``rscripts/arrow_ipc.R``'s
+``.ai_repeats`` and the Python child's pandas conversion): estimate a column's
+distinct count from its first rows, and encode when it is at most half the rows.  Measured (bench/worker_loop.py
 --strings, 500k rows, one string column, loaded 2-core machine): R decodes
 1,000 distinct keys 5-7x faster dictionary-encoded and 100,000 distinct keys
 about 3x faster; a column of distinct values is slower encoded (2-3x), and
@@ -23,33 +22,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-SAMPLE_ROWS = 4096
-MAX_DISTINCT_FRACTION = 0.5
-
-
-def estimated_distinct(sample_distinct: int, sample_rows: int) -> float:
-    """The distinct count of the population a uniform sample came from, by the
-    birthday bound: ``s`` draws from ``k`` values repeat ``s*s / (2k)`` times,
-    so ``k ~ s*s / (2 * repeats)``; no repeat at all means no estimate (inf).
-    Exact enough to tell "a few thousand keys" from "every row differs"."""
-    repeats = sample_rows - sample_distinct
-    if repeats <= 0:
-        return float("inf")
-    if sample_distinct < sample_rows / 2:          # heavy repetition: the sample saw most keys
-        return float(sample_distinct)
-    return sample_rows * sample_rows / (2.0 * repeats)
-
-
-def repeats_enough(column: pa.Array) -> bool:
-    """Whether a string column is worth sending dictionary-encoded (see the rule above)."""
-    n = len(column)
-    if n < 2 or column.null_count == n:
-        return False
-    sample = column.slice(0, min(n, SAMPLE_ROWS))
-    distinct = pc.count_distinct(sample, mode="only_valid").as_py()
-    valid = len(sample) - sample.null_count
-    return estimated_distinct(distinct, valid) <= MAX_DISTINCT_FRACTION * n
-
+from ..wire.repeats import repeats_enough
 
 def repeated_string_columns(batch: pa.RecordBatch) -> list:
     """The indices of the batch's plain string columns that repeat enough."""
