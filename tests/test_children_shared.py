@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -167,6 +168,27 @@ def test_r_syntax_error_is_caught_on_the_driver(spark, numbers):
     with pytest.raises(BadInputError, match="R syntax error") as info:
         spark_apply(numbers, R("function(df) { df$x <- df$x + ; df }"), schema="x double")
     assert "unexpected" in str(info.value)
+
+
+def test_r_code_is_parsed_on_the_driver_once_per_code(spark, numbers, tmp_path):
+    # an Rscript that notes each driver-side parse, then runs the real one
+    calls = tmp_path / "parses"
+    rscript = tmp_path / "Rscript"
+    rscript.write_text("#!/bin/sh\n"
+                       f"case \"$*\" in *readLines*) echo parse >> '{calls}';; esac\n"
+                       f"exec '{shutil.which('Rscript')}' \"$@\"\n")
+    rscript.chmod(0o755)
+    parses = lambda: len(calls.read_text().splitlines()) if calls.exists() else 0  # noqa: E731
+    code = "function(df) { df$x <- df$x + 1; df }   # parsed once"
+    outs = [spark_apply(numbers, R(code), schema="x double", rscript=str(rscript)) for _ in range(3)]
+    assert parses() == 1
+    assert sorted(r.x for r in outs[2].collect()) == [x + 1.0 for x in range(10)]
+    spark_apply(numbers, R(code + "\n"), schema="x double", rscript=str(rscript))
+    assert parses() == 2                       # another code is parsed
+    for _ in range(2):                         # a failure is not remembered
+        with pytest.raises(BadInputError, match="R syntax error"):
+            spark_apply(numbers, R("function(df) df +"), schema="x double", rscript=str(rscript))
+    assert parses() == 4
 
 
 def test_r_code_that_is_not_a_function(spark, numbers):
