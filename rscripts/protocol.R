@@ -12,7 +12,7 @@
 # Base R only.  Public functions:
 #   wb_read_exact(con, n)                     -> raw(n) or a wb_peer_closed error
 #   wb_send_frame(con, type, payload = raw()) -> invisible(NULL)   (con: connection or sink function)
-#   wb_buffered_writer(con, limit = 4194304)  -> list(write, flush, pending, since_flush)
+#   wb_buffered_writer(con, limit = 4194304)  -> list(write, write_vector, flush, pending, since_flush)
 #   wb_send_json(con, type, obj)              -> invisible(NULL)
 #   wb_recv_frame(con, max_bytes)             -> list(type = <int>, name = <chr>, payload = <raw>)
 #   wb_expect(con, want, max_bytes)           -> payload (raw)
@@ -155,8 +155,9 @@ wb_send_frame <- function(con, type, payload = raw()) {
 # A write buffer in front of a connection: small frames written back to back
 # would otherwise each wait for the peer's (delayed) ACK under Nagle's
 # algorithm, which R sockets cannot switch off.  Returns list(write(bytes),
-# flush(), pending(), since_flush()).  Pieces of `direct` bytes or more are not
-# copied into the buffer: what is pending goes first, then the piece itself.
+# write_vector(x, size), flush(), pending(), since_flush()).  Pieces of
+# `direct` bytes or more are not copied into the buffer: what is pending goes
+# first, then the piece itself (a vector's, written from the vector).
 # The buffer is flushed when it holds `limit` bytes.
 wb_buffered_writer <- function(con, limit = 4194304, direct = 65536) {
   st <- new.env(parent = emptyenv())
@@ -164,24 +165,22 @@ wb_buffered_writer <- function(con, limit = 4194304, direct = 65536) {
   st$size <- 0
   st$last <- proc.time()[["elapsed"]]
   flush_out <- function() {
-    if (st$size > 0) {
-      bytes <- if (length(st$chunks) == 1L) st$chunks[[1L]] else do.call(c, st$chunks)
-      st$chunks <- list()
-      st$size <- 0
-      writeBin(bytes, con)
-    }
+    send_pending()
     flush(con)
     st$last <- proc.time()[["elapsed"]]
     invisible(NULL)
   }
+  send_pending <- function() {
+    if (st$size > 0) {
+      pending <- if (length(st$chunks) == 1L) st$chunks[[1L]] else do.call(c, st$chunks)
+      st$chunks <- list()
+      st$size <- 0
+      writeBin(pending, con)
+    }
+  }
   write <- function(bytes) {
     if (length(bytes) >= min(limit, direct)) {
-      if (st$size > 0) {
-        pending <- if (length(st$chunks) == 1L) st$chunks[[1L]] else do.call(c, st$chunks)
-        st$chunks <- list()
-        st$size <- 0
-        writeBin(pending, con)
-      }
+      send_pending()
       writeBin(bytes, con)
       st$last <- proc.time()[["elapsed"]]
       return(invisible(NULL))
@@ -191,7 +190,17 @@ wb_buffered_writer <- function(con, limit = 4194304, direct = 65536) {
     if (st$size >= limit) flush_out()
     invisible(NULL)
   }
-  list(write = write, flush = flush_out, pending = function() st$size,
+  # a vector's values as `size`-byte little-endian numbers: a large one after
+  # what is pending, by writeBin to the connection (no raw copy of it is made)
+  write_vector <- function(x, size) {
+    if (length(x) * size < min(limit, direct))
+      return(write(writeBin(x, raw(), size = size, endian = "little")))
+    send_pending()
+    writeBin(x, con, size = size, endian = "little")
+    st$last <- proc.time()[["elapsed"]]
+    invisible(NULL)
+  }
+  list(write = write, write_vector = write_vector, flush = flush_out, pending = function() st$size,
        since_flush = function() proc.time()[["elapsed"]] - st$last)
 }
 
