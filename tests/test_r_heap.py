@@ -36,8 +36,8 @@ def run(gateway, f, batch_mode="partition", **options):
 
 
 @pytest.mark.parametrize("case, options, low, high", [
-    ("default", {}, 256, 1024),
-    ("memory_limit caps it", {"memory_limit": 400 * 2**20}, 90, 200),
+    ("default", {}, 90, 400),
+    ("memory_limit caps it", {"memory_limit": 200 * 2**20}, 45, 90),
     ("batch mode keeps R's own (64 MB)", {"batch_mode": "batch"}, 0, 65),
     ("the user's R_VSIZE wins", {"env": {"R_VSIZE": "80M"}}, 70, 160),
 ])

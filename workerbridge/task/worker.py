@@ -58,17 +58,20 @@ PY_CHILD_MAIN = ("import runpy, sys\n"
                  "alter_sys=True)\n")
 
 
-R_MIN_VSIZE = 256 * 2**20       # R's vector heap before its first collection
+R_MIN_VSIZE = 96 * 2**20        # R's vector heap before its first collection
 
 
 def r_heap_args(memory_limit: Optional[int]) -> list:
     """Rscript flags that size R's vector heap, the allocations after which R
-    collects garbage (R's own default: 64 MB).  With that default a 500k-row
-    partition spent ~40% of its codec time in collections (bench/worker_loop.py:
-    warm R task, 500k rows, 0.39 s -> 0.24-0.26 s with 256 MB; a larger
-    cons-cell heap, --min-nsize, measured slower).  Batch mode keeps R's
-    default: its point is a small footprint (8 MB measured a higher idle and
-    peak RSS than the default).  A memory_limit caps the heap at a quarter of it."""
+    collects garbage (R's own default: 64 MB).  The codec makes little garbage
+    (columns are written and read as vectors, not raw copies), so a 96 MB
+    heap collects rarely: warm R task, 500k rows (bench/worker_loop.py --env
+    R_VSIZE=...), child CPU and true peak RSS: 256 MB 0.15-0.16 s / 376 MB,
+    128 MB 0.17 s / 236 MB, 96 MB 0.18 s / 198 MB; at 2.5M rows all three
+    1.0-1.2 s (R grows its heap past the minimum).  A larger cons-cell heap
+    (--min-nsize) measured no faster.  Batch mode keeps R's default: its point
+    is a small footprint (8 MB measured a higher idle and peak RSS than the
+    default).  A memory_limit caps the heap at a quarter of it."""
     vsize = R_MIN_VSIZE if memory_limit is None else \
         max(16 * 2**20, min(R_MIN_VSIZE, memory_limit // 4))
     return [f"--min-vsize={vsize // 2**20}M"]
