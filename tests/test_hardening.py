@@ -214,6 +214,22 @@ def test_tampered_runtime_file_is_refused_and_laid_out_again(tmp_path):
         _bootstrap.materialize({}, runtime.digest, str(tmp_path))
 
 
+def test_runtime_changed_after_its_check_is_checked_again(tmp_path):
+    """A process skips re-hashing a runtime it verified only while nothing in it
+    changed: a same-size rewrite with its mtime put back still changes its ctime,
+    and the next use lays the file out again."""
+    runtime = Runtime.collect(True)
+    root = Path(runtime.materialize(str(tmp_path)))
+    assert Path(runtime.materialize(str(tmp_path))) == root        # verified, remembered
+    child = root / "rscripts" / "child.R"
+    text, st = child.read_text(), child.stat()
+    child.write_text(text.replace("wb_child_main()", "q('no'); main()", 1))
+    assert child.stat().st_size == st.st_size
+    os.utime(child, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert Path(runtime.materialize(str(tmp_path))) == root
+    assert child.read_text() == runtime.files["rscripts/child.R"]
+
+
 # ---- 3. setpriv without --pdeathsig --------------------------------------------------------
 OLD_SETPRIV = """#!/bin/sh
 # util-linux 2.32 (RHEL 8, Amazon Linux 2): no --pdeathsig

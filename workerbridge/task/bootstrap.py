@@ -142,6 +142,54 @@ def check_runtime(root: str, digest: str) -> str | None:
     return None
 
 
+VERIFIED_MODULE = "workerbridge_bootstrap_verified"
+
+
+def _verified_runtimes() -> dict:
+    """What this process verified: root -> (digest, metadata of every entry).
+    Held by a module in sys.modules, looked up on each call: this module is
+    pickled by value, so a global of its own would be a new copy every task."""
+    holder = sys.modules.get(VERIFIED_MODULE)
+    if holder is None:
+        holder = sys.modules.setdefault(VERIFIED_MODULE, type(sys)(VERIFIED_MODULE))
+    return holder.__dict__.setdefault("runtimes", {})
+
+
+def _metadata(root: str) -> tuple | None:
+    """Inode, mode, owner, size, mtime and ctime of root and of everything under
+    it: any write to a file changes its ctime, which no user can set back."""
+    out = []
+    todo = [("", root)]
+    try:
+        while todo:
+            rel, path = todo.pop()
+            st = os.lstat(path)
+            out.append((rel, st.st_ino, st.st_mode, st.st_uid, st.st_size,
+                        st.st_mtime_ns, st.st_ctime_ns))
+            if stat.S_ISDIR(st.st_mode):
+                with os.scandir(path) as it:
+                    todo.extend((f"{rel}/{e.name}", e.path) for e in it)
+    except OSError:
+        return None
+    return tuple(sorted(out))
+
+
+def _still_verified(root: str, digest: str) -> bool:
+    """check_runtime passes.  A runtime this process checked before, whose
+    entries' metadata are unchanged since, is not read and hashed again
+    (~2-5 ms a task); any change means a full check."""
+    verified = _verified_runtimes()
+    before = _metadata(root)
+    if before is not None and verified.get(root) == (digest, before):
+        return True
+    if check_runtime(root, digest) is not None:
+        verified.pop(root, None)
+        return False
+    if before is not None:                  # taken before the check: a later change is seen
+        verified[root] = (digest, before)
+    return True
+
+
 def materialize(files, digest: str, base: str | None = None) -> str:
     """The private directory holding these files, written once per digest and
     checked (owner, mode, content hash) before every use.
@@ -151,7 +199,7 @@ def materialize(files, digest: str, base: str | None = None) -> str:
     home = private_home(base)
     root = os.path.join(home, f"runtime-{digest}")
     if os.path.lexists(root):
-        if check_runtime(root, digest) is None:
+        if _still_verified(root, digest):
             return root
         _discard(root)                       # ours to remove: it is in our private home
     if not files:
