@@ -1374,7 +1374,21 @@ arrow_prepare_frame <- function(df) {
     writeBin(length(meta), raw(), size = 4L, endian = "little"), meta)
 }
 
+# The schema message of a prepared frame: the same columns give the same
+# bytes, kept (a warm child writes one schema per task, and building it in R
+# took ~40% of a small task's time)
+.ai_schema_cache <- new.env(parent = emptyenv())
 .ai_schema_message <- function(prep) {
+  key <- paste0("k", paste(vapply(prep$cols, function(col)
+    paste(nchar(col$name, type = "bytes"), enc2utf8(col$name), col$kind,
+          if (is.null(col$tz)) "" else col$tz, sep = "\r"), ""), collapse = "\n"))
+  hit <- .ai_schema_cache[[key]]
+  if (!is.null(hit)) return(hit)
+  if (length(.ai_schema_cache) >= 64L) rm(list = ls(.ai_schema_cache, all.names = TRUE), envir = .ai_schema_cache)
+  .ai_schema_cache[[key]] <- .ai_build_schema_message(prep)
+}
+
+.ai_build_schema_message <- function(prep) {
   fields <- lapply(seq_along(prep$cols), function(j) {
     col <- prep$cols[[j]]
     tt <- .ai_type_table(col$kind, col$tz)
