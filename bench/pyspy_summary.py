@@ -45,6 +45,8 @@ def main() -> None:
     with open(args.raw) as f:
         for line in f:
             stack, _, count = line.rstrip("\n").rpartition(" ")
+            if not count.isdigit():          # a process line of a header, not a stack
+                continue
             n = int(count)
             kind = kind_of(stack)
             per_kind[kind] += n

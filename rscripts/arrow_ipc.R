@@ -771,14 +771,14 @@
 # with its id (sent earlier in the stream)
 .ai_decode_dict_indices <- function(d, n, bufs, valid, name, state) {
   ib <- .ai_need(bufs[[2L]], n * d$bitWidth / 8, "dictionary index", name)
-  idx <- .ai_read_ints(ib, n, d$bitWidth, d$signed)
-  if (!is.null(valid)) idx[!valid] <- NA
+  idx <- .ai_setna(.ai_read_ints(ib, n, d$bitWidth, d$signed), valid)
   values <- state$dicts[[as.character(d$id)]]
   if (is.null(values))
     .ai_col_error(name, sprintf("no dictionary with id %.0f was sent before the record batch", d$id))
   # one pass for the range (no logical vectors of n); the strings are made
   # once per dictionary entry, the rows only point at them
-  r <- if (n) suppressWarnings(range(idx, na.rm = TRUE)) else c(0, 0)   # all NA: Inf, -Inf
+  r <- if (n) suppressWarnings(c(min(idx, na.rm = TRUE), max(idx, na.rm = TRUE)))  # all NA: Inf, -Inf
+       else c(0, 0)
   if (is.finite(r[1L]) && (r[1L] < 0 || r[2L] >= length(values)))
     .ai_col_error(name, "dictionary index out of range")
   values[if (is.integer(idx)) idx + 1L else idx + 1]
