@@ -64,12 +64,16 @@
 .ai_kind_size <- c(double = 8L, int32 = 4L)
 .ai_nbytes <- function(b) if (is.double(b)) 8 * length(b) else if (is.integer(b)) 4 * length(b) else length(b)
 .ai_first <- function(x, n) if (length(x) == n) x else x[seq_len(n)]
+# n values of a buffer: its first n when it was read as a vector, else read
+# from its raw bytes as `what` of `size` bytes each
+.ai_values <- function(b, n, what, size)
+  if (is.raw(b)) readBin(b, what, n = n, size = size, endian = "little") else .ai_first(b, n)
 # the first n values' bytes of a buffer read as doubles (size 8) or integers
 .ai_raw_of <- function(b, n, size) {
   if (is.raw(b)) return(b)
   writeBin(.ai_first(b, min(n, length(b))), raw(), size = size, endian = "little")
 }
-# one buffer of `len` bytes from the connection, as `kind`
+# one buffer of `len` bytes from the connection (or raw vector), as `kind`
 .ai_read_buffer <- function(con, len, kind) {
   if (kind == "raw") return(readBin(con, "raw", len))
   size <- .ai_kind_size[[kind]]
@@ -150,8 +154,7 @@
   # scaled at once (the readBin result is reused in place: one vector made);
   # all were subnormal or zero exactly when the scaled values are integers in
   # [0, 2^52) (normal doubles scale past 2^52, NaN stays NaN, negatives < 0)
-  x <- (if (is.double(bytes)) .ai_first(bytes, n)
-        else readBin(bytes, "double", n = n, size = 8L, endian = "little")) * 2^537 * 2^537
+  x <- .ai_values(bytes, n, "double", 8L) * 2^537 * 2^537
   if (!anyNA(x) && min(x) >= 0 && max(x) < 4503599627370496 &&
       readBin(.ai_subnormal_one, "double", size = 8L) * 2^537 * 2^537 == 1 &&
       # -0 (the pattern of -2^63) compares equal to 0: zeros must be +0
@@ -550,38 +553,32 @@
     }
     do.call(c, chunks)
   }
+  # a buffer of fixed-width values straight from the connection as `kind`
+  read_values <- function(len, kind) .ai_read_buffer(s$con, len, kind)
   if (!is.null(timing)) {
-    untimed <- s$read
-    s$read <- function(n) {
-      t0 <- as.numeric(Sys.time())
-      on.exit(timing$transfer <- timing$transfer + as.numeric(Sys.time()) - t0)
-      untimed(n)
+    timed <- function(f) {
+      force(f)                         # the untimed function, not a promise of s$read
+      function(...) {
+        t0 <- as.numeric(Sys.time())
+        on.exit(timing$transfer <- timing$transfer + as.numeric(Sys.time()) - t0)
+        f(...)
+      }
     }
+    s$read <- timed(s$read)
+    read_values <- timed(read_values)
   }
   # one buffer as `kind` (see .ai_read_buffer); past 64 MiB read as raw
   # first, so that a corrupt length cannot allocate a huge vector up front
   s$read_buffer <- function(len, kind) {
     if (kind == "raw" || len > 67108864) {
       x <- s$read_exact(len, "message body")
-      if (kind == "raw") return(x)
-      size <- .ai_kind_size[[kind]]
-      return(readBin(x, if (kind == "double") "double" else "integer", n = len %/% size,
-                     size = size, endian = "little"))
+      return(if (kind == "raw") x else .ai_read_buffer(x, len, kind))
     }
-    x <- .ai_read_buffer(s$con, len, kind)
+    x <- read_values(len, kind)
     if (.ai_nbytes(x) < len %/% .ai_kind_size[[kind]] * .ai_kind_size[[kind]])
       stop(.ai_stream_error(sprintf(
         "truncated Arrow stream: expected %.0f bytes of message body, got %.0f", len, .ai_nbytes(x))))
     x
-  }
-  if (!is.null(timing)) {
-    untimed_buffer <- s$read_buffer
-    s$read_buffer <- function(len, kind) {
-      if (kind == "raw" || len > 67108864) return(untimed_buffer(len, kind))   # timed by read
-      t0 <- as.numeric(Sys.time())
-      on.exit(timing$transfer <- timing$transfer + as.numeric(Sys.time()) - t0)
-      untimed_buffer(len, kind)
-    }
   }
   s$skip <- function(n, what) {
     while (n > 0) {
@@ -743,8 +740,7 @@
     FloatingPoint = {
       size <- if (t$precision == 1L) 4L else 8L
       vb <- .ai_need(bufs[[2L]], n * size, "values", name)
-      .ai_setna(if (is.double(vb)) .ai_first(vb, n)
-                else readBin(vb, "double", n = n, size = size, endian = "little"), valid)
+      .ai_setna(.ai_values(vb, n, "double", size), valid)
     },
     Utf8 = , LargeUtf8 = {
       offs <- .ai_read_offsets(bufs[[2L]], n, t$kind == "LargeUtf8", name)
@@ -841,8 +837,7 @@
   if (t$kind == "Date") {
     if (t$unit == 0L) {
       vb <- .ai_need(bufs[[2L]], n * 4, "values", name)
-      x <- as.numeric(if (is.integer(vb)) .ai_first(vb, n)
-                      else readBin(vb, "integer", n = n, size = 4L, endian = "little"))
+      x <- as.numeric(.ai_values(vb, n, "integer", 4L))
     } else {
       vb <- .ai_need(bufs[[2L]], n * 8, "values", name)
       x <- .ai_i64_vec(vb, n) / 86400000
@@ -891,8 +886,7 @@
     .ai_col_error(name, sprintf("offsets buffer holds %.0f bytes, %.0f needed",
                                 if (is.null(ob)) 0 else .ai_nbytes(ob), (n + 1) * size))
   if (large) .ai_i64_vec(ob, n + 1L)
-  else if (is.integer(ob)) .ai_first(ob, n + 1L)
-  else readBin(ob, "integer", n = n + 1L, size = 4L, endian = "little")    # integer
+  else .ai_values(ob, n + 1L, "integer", 4L)
 }
 
 .ai_max_chunk <- 1073741824   # bytes per rawToChar call
@@ -1132,10 +1126,14 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
   function(root) {
     if (root$header_type == 3L) return(batch)
     id <- .fb_scalar(root$header, 0L, .ai_i64, 0)
-    j <- which(vapply(fields, function(f) !is.null(f$dict) && f$dict$id == id, TRUE))
+    j <- .ai_dict_fields(fields, id)
     if (length(j)) .ai_field_kinds(list(name = "", type = fields[[j[1L]]]$type, dict = NULL))
   }
 }
+
+# the positions of the fields encoded with dictionary `id`
+.ai_dict_fields <- function(fields, id)
+  which(vapply(fields, function(f) !is.null(f$dict) && f$dict$id == id, TRUE))
 
 # What the reader keeps across a stream's messages: the dictionaries by id,
 # and the precision warnings noted per column (warned once).
@@ -1188,7 +1186,7 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
   db <- msg$header
   id <- .fb_scalar(db, 0L, .ai_i64, 0)
   delta <- .fb_bool(db, 2L)
-  j <- which(vapply(fields, function(f) !is.null(f$dict) && f$dict$id == id, TRUE))
+  j <- .ai_dict_fields(fields, id)
   if (!length(j))
     stop(.ai_codec_error(sprintf("dictionary batch with id %.0f matches no field", id)))
   f <- fields[[j[1L]]]
