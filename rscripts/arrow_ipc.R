@@ -7,7 +7,7 @@
 #
 # Public functions:
 #   arrow_read_stream(src, int64 = c("double", "character"), factors = FALSE,
-#                     on_batch = NULL, timing = NULL)
+#                     on_batch = NULL, timing = NULL, keep_strings = NULL)
 #       src: a binary connection (read message by message; never reads past
 #       the end-of-stream marker), a raw vector, or a file path.
 #       Returns a base data.frame (check.names = FALSE, stringsAsFactors = FALSE).
@@ -17,6 +17,10 @@
 #       is re-raised unchanged once the rest of the stream has been consumed.
 #       timing: NULL, or an environment whose `transfer` (seconds) grows by the
 #       time spent reading from src.
+#       keep_strings: NULL, or an environment whose `cols` gets, for each plain
+#       string column of a stream read whole, list(x = the column, pieces =
+#       each batch's Arrow bytes and offsets); pass it to arrow_prepare_frame
+#       so that a column the caller leaves as it is goes back as it came.
 #   arrow_skip_stream(src)
 #       Consumes a stream up to its end-of-stream marker without decoding it.
 #   arrow_write_stream(df, con = NULL, batch_rows = 1048576L, vectors = FALSE)
@@ -30,10 +34,12 @@
 #       list(write(df_or_prepared), close()): one stream written frame by
 #       frame (schema with the first frame, end-of-stream marker on close;
 #       later frames must have the first frame's columns).
-#   arrow_prepare_frame(df)
+#   arrow_prepare_frame(df, known_strings = NULL)
 #       Checks and converts the columns of df for writing (raises an
 #       arrow_codec_error naming the column if one cannot be written); the
 #       result can be passed to arrow_write_stream instead of df.
+#       known_strings: keep_strings$cols of a read; a character column
+#       identical() to one of them is written from its bytes, not re-encoded.
 #
 # Errors are conditions of class "arrow_codec_error" (a column or its type
 # cannot be decoded/encoded; $column names it; when reading, the rest of the
@@ -149,12 +155,25 @@
 # exact steps), they need no integer arithmetic at all.  Used when every value
 # is in that range (and the FPU keeps subnormals: checked on a sentinel).
 .ai_subnormal_one <- as.raw(c(1, 0, 0, 0, 0, 0, 0, 0))
+# The double whose bit pattern is the int64 2^31.
+.ai_subnormal_2_31 <- 2147483648 * 2^-537 * 2^-537
 .ai_i64_vec <- function(bytes, n, signed = TRUE) {
   if (n == 0) return(numeric(0))
+  x <- .ai_values(bytes, n, "double", 8L)
+  # All values in [0, 2^31) (the common case: ids, counts): read again as
+  # 8-byte integers, which R narrows to int exactly in that range.  Only
+  # comparisons touch the subnormals: arithmetic on them is slow on x86
+  # (a microcode assist each: 2.5M values, 0.10 s scaled against 0.05 s so).
+  # A zero must be +0 (-0 is the pattern of -2^63); under flush-to-zero the
+  # bound is 0 and this path is never taken.
+  if (!anyNA(x) && min(x) >= 0 && max(x) < .ai_subnormal_2_31 &&
+      (min(x) > 0 || all(1 / x[which(x == 0)] > 0)))
+    return(as.double(readBin(.ai_raw_of(bytes, n, 8L), "integer", n = n, size = 8L,
+                             endian = "little")))
   # scaled at once (the readBin result is reused in place: one vector made);
   # all were subnormal or zero exactly when the scaled values are integers in
   # [0, 2^52) (normal doubles scale past 2^52, NaN stays NaN, negatives < 0)
-  x <- .ai_values(bytes, n, "double", 8L) * 2^537 * 2^537
+  x <- x * 2^537 * 2^537
   if (!anyNA(x) && min(x) >= 0 && max(x) < 4503599627370496 &&
       readBin(.ai_subnormal_one, "double", size = 8L) * 2^537 * 2^537 == 1 &&
       # -0 (the pattern of -2^63) compares equal to 0: zeros must be +0
@@ -744,7 +763,9 @@
     },
     Utf8 = , LargeUtf8 = {
       offs <- .ai_read_offsets(bufs[[2L]], n, t$kind == "LargeUtf8", name)
-      .ai_decode_strings(bufs[[3L]], offs, n, valid, name)
+      x <- .ai_decode_strings(bufs[[3L]], offs, n, valid, name)
+      if (!isTRUE(opts$keep_strings)) x
+      else structure(list(x = x, data = bufs[[3L]], offs = offs), class = "ai_string_piece")
     },
     Binary = , LargeBinary = .ai_decode_binary(t, n, bufs, valid, name),
     Date = , Timestamp = .ai_decode_temporal(t, n, bufs, valid, name),
@@ -1055,10 +1076,11 @@
 # (.ai_decode_batch, kept or handed to on_batch) or a dictionary batch
 # (.ai_read_dictionary), then the kept batches bound per column.
 arrow_read_stream <- function(src, int64 = c("double", "character"), factors = FALSE,
-                              on_batch = NULL, timing = NULL) {
+                              on_batch = NULL, timing = NULL, keep_strings = NULL) {
   int64 <- match.arg(int64)
-  opts <- list(int64 = int64, factors = isTRUE(factors))
   streaming <- is.function(on_batch)
+  opts <- list(int64 = int64, factors = isTRUE(factors),
+               keep_strings = !streaming && is.environment(keep_strings))
   s <- .ai_source(src, timing)
   if (s$close) on.exit(close(s$con))
   state <- .ai_reader_state()
@@ -1112,10 +1134,20 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
     p <- parts[[j]]
     parts[j] <- list(NULL)
     cols[[j]] <- if (length(p) == 0L) .ai_empty_base(fields[[j]], opts)
+                 else if (inherits(p[[1L]], "ai_string_piece")) .ai_bind_strings(p, keep_strings)
                  else if (length(p) == 1L) p[[1L]]
                  else do.call(c, unname(p))
   }
   .ai_frame(fields, cols, nrows, levels, opts, state)
+}
+
+# The character column of string pieces p (one per batch); their bytes and
+# offsets appended to keep$cols, for .ai_known_strings.
+.ai_bind_strings <- function(p, keep) {
+  x <- if (length(p) == 1L) p[[1L]]$x else do.call(c, lapply(p, function(q) q$x))
+  for (i in seq_along(p)) p[[i]]$x <- NULL
+  keep$cols[[length(keep$cols) + 1L]] <- list(x = x, pieces = p)
+  x
 }
 
 # kinds(root) for .ai_read_message: the buffer kinds of a record batch, or of
@@ -1193,6 +1225,7 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
   vf <- list(name = f$name, type = f$type, dict = NULL)
   data <- .fb_subtable(db, 1L)
   if (is.null(data)) stop(.ai_codec_error("dictionary batch without data"))
+  opts$keep_strings <- FALSE             # a dictionary's values are not a column
   db <- .ai_decode_batch(data, msg, list(vf), opts, state, "dictionary batch")
   vals <- db$cols[[1L]]
   key <- as.character(id)
@@ -1223,7 +1256,7 @@ arrow_skip_stream <- function(src) {
 # Check the columns and bring each to a canonical form:
 #   list(name, kind, x, tz) with kind one of bool, int32, float64, utf8,
 #   date32, timestamp, binary, int64 (doubles of class "wb_int64").
-arrow_prepare_frame <- function(df) {
+arrow_prepare_frame <- function(df, known_strings = NULL) {
   if (inherits(df, "arrow_prepared_frame")) return(df)
   if (!is.data.frame(df)) stop(.ai_codec_error("arrow_write_stream needs a data.frame"))
   nrow <- .row_names_info(df, 2L)
@@ -1244,9 +1277,14 @@ arrow_prepare_frame <- function(df) {
     col <- if (inherits(x, "wb_int64")) {
       # integral doubles to be written as int64 (used for workerbridge's own columns)
       v <- as.numeric(unclass(x))
-      if (any(v != round(v) | abs(v) > 9007199254740992, na.rm = TRUE))
+      r <- if (length(v)) suppressWarnings(range(v, na.rm = TRUE)) else c(0, 0)  # all NA: Inf, -Inf
+      i32 <- if (r[1L] > -2147483648 && r[2L] < 2147483648) as.integer(v)
+      if (if (is.null(i32)) any(v != round(v) | abs(v) > 9007199254740992, na.rm = TRUE)
+          else any(i32 != v, na.rm = TRUE))
         .ai_col_error(name, "a wb_int64 column holds values that are not integers within 2^53")
-      list(kind = "int64", x = v)
+      # i32: the values as R integers when they fit, written as 8-byte integers
+      # (writeBin widens them; no arithmetic on subnormal doubles)
+      list(kind = "int64", x = v, i32 = i32)
     } else if (is.factor(x)) {
       levs <- enc2utf8(as.character(levels(x)))
       codes <- as.vector(unclass(x))
@@ -1272,7 +1310,9 @@ arrow_prepare_frame <- function(df) {
     } else if (is.double(x)) {
       list(kind = "float64", x = as.vector(x))
     } else if (is.character(x)) {
-      .ai_string_column(enc2utf8(as.vector(x)))
+      x <- enc2utf8(as.vector(x))
+      known <- .ai_known_strings(x, known_strings)
+      if (is.null(known)) .ai_string_column(x) else list(kind = "utf8", x = x, known = known)
     } else if (is.list(x)) {
       isnull <- vapply(x, is.null, NA)
       ok <- isnull | vapply(x, is.raw, NA)
@@ -1292,6 +1332,37 @@ arrow_prepare_frame <- function(df) {
     cols[[j]] <- col
   }
   structure(list(cols = cols, nrow = nrow), class = "arrow_prepared_frame")
+}
+
+# For a character column x, the bytes and int32 offsets it was read from,
+# list(data = <raw pieces>, offs = <integer pieces>), when `known` (keep_strings$cols of a
+# read) holds a column identical to it, else NULL.  identical() compares
+# strings by address first: an unchanged column costs one pass over its
+# pointers, a changed one stops at its first change.
+.ai_known_strings <- function(x, known) {
+  for (k in known) {
+    if (length(k$x) != length(x) || !identical(k$x, x)) next
+    data <- list()
+    offs <- list(0L)
+    base <- 0
+    for (q in k$pieces) {
+      m <- length(q$offs) - 1L
+      if (m < 1L) next
+      z <- q$offs[m + 1L]
+      # (pyarrow writes offsets from 0; a writer that does not gets its
+      # column encoded again)
+      if (q$offs[1L] != 0 || length(q$data) < z || base + z > .ai_max_offset) return(NULL)
+      d <- q$data
+      if (length(d) > z) length(d) <- z  # a padded buffer's spare bytes (one copy)
+      data[[length(data) + 1L]] <- d
+      offs[[length(offs) + 1L]] <- if (!is.integer(q$offs)) as.integer(q$offs[-1L] + base)
+                                   else if (base == 0) q$offs[-1L]
+                                   else q$offs[-1L] + as.integer(base)
+      base <- base + z
+    }
+    return(list(data = data, offs = offs))
+  }
+  NULL
 }
 
 # Repeated strings are written dictionary-encoded: the reader (pyarrow in the
@@ -1465,11 +1536,17 @@ arrow_prepare_frame <- function(df) {
       bool = { if (nc) x[na] <- FALSE; add(.ai_bitmap(x)) },
       int32 = add(.ai_vec(x, 4L)),
       dict = { if (nc) x[na] <- 1L; add(.ai_vec(x - 1L, 4L)) },
-      int64 = add(.ai_int64_piece(x)),
+      int64 = add(if (is.null(col$i32)) .ai_int64_piece(x)
+                  else .ai_vec(if (is.null(rows)) col$i32 else col$i32[rows], 8L)),
       float64 = add(.ai_vec(x, 8L)),
       date32 = { if (nc) x[na] <- 0; add(.ai_vec(as.integer(x), 4L)) },
       timestamp = add(.ai_int64_piece(round(x * 1e6))),
-      utf8 = {
+      utf8 = if (is.null(rows) && !is.null(col$known)) {
+        # the bytes the column was read from (a null slot's bytes, if any,
+        # stay: the bitmap marks it null)
+        do.call(add, lapply(col$known$offs, .ai_vec, 4L))
+        do.call(add, col$known$data)
+      } else {
         if (nc) x[na] <- ""
         lens <- nchar(x, type = "bytes")
         # integer sums: an overflow (NA) means more than 2^31 - 1 bytes

@@ -662,14 +662,15 @@ local({
 # when given); decoding warnings (int64 beyond 2^53) become WARN lines in the
 # driver's log.  Returns what arrow_read_stream returns, or the condition
 # (arrow_codec_error, or wb_batch_failed from on_batch) that ended it.
-.wb$wb_read_input <- function(con, tk, on_batch = NULL) {
+.wb$wb_read_input <- function(con, tk, on_batch = NULL, keep_strings = NULL) {
   decode_warning <- function(w) {
     tk$log(conditionMessage(w), level = "WARN")
     invokeRestart("muffleWarning")
   }
   tryCatch(withCallingHandlers(
              wb_nojit(arrow_read_stream(con, int64 = tk$int64, factors = tk$factors,
-                                        on_batch = on_batch, timing = tk$prof$timing)),
+                                        on_batch = on_batch, timing = tk$prof$timing,
+                                        keep_strings = keep_strings)),
              warning = decode_warning),
            wb_batch_failed = function(e) e,
            arrow_codec_error = function(e) e)
@@ -701,7 +702,10 @@ local({
   prof <- tk$prof
   out <- tk$out
   t_read <- prof$now()
-  df <- wb_read_input(con, tk)
+  # the string columns' Arrow bytes: one the closure leaves as it is goes
+  # back as it came, with no re-encoding
+  strings <- new.env(parent = emptyenv())
+  df <- wb_read_input(con, tk, keep_strings = strings)
   if (inherits(df, "arrow_codec_error")) return(wb_task_failed(tk, wb_codec_failure(df)))
   if (prof$on) prof$add("decode", prof$now() - t_read - prof$timing$transfer)
   rows_in <- .row_names_info(df, 2L)
@@ -724,7 +728,8 @@ local({
                       detail = if (length(tk$group_by)) sprintf(" in %d groups", length(units)) else ""))
 
   t0 <- prof$now()
-  prep <- wb_prepare_result(result, df, units, tk)
+  prep <- wb_prepare_result(result, df, units, tk, strings$cols)
+  strings$cols <- NULL                   # prep holds the ones it uses
   if (inherits(prep, "error")) return(wb_task_failed(tk, wb_result_failure(prep)))
   rows_out <- prep$nrow
   tk$log(wb_lifecycle("returned", rows = rows_out))
@@ -759,7 +764,7 @@ local({
 
 # The closure's results as one prepared frame: with groups, each given the key
 # columns it lacks, empty ones dropped, tagged and row-bound; or the error.
-.wb$wb_prepare_result <- function(result, df, units, tk) {
+.wb$wb_prepare_result <- function(result, df, units, tk, known_strings = NULL) {
   task <- tk$task
   opts <- tk$opts
   group_by <- tk$group_by
@@ -775,7 +780,7 @@ local({
     } else {
       res <- wb_tag(frames[[1L]], task, opts, 0L)
     }
-    wb_nojit(arrow_prepare_frame(wb_mark_int64(res, opts)))
+    wb_nojit(arrow_prepare_frame(wb_mark_int64(res, opts), known_strings))
   }, error = function(e) e)
 }
 

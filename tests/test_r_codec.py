@@ -135,6 +135,10 @@ for (job in jobs) {
       info <- info_of(df, warns)
       if (mode == "values") info$values <- lapply(df, fmt_col)
       if (mode == "roundtrip") arrow_write_stream(df, file(job$out, "wb"))
+      if (isTRUE(job$as_int64)) {              # written back as int64, as the child does
+        for (j in seq_along(df)) class(df[[j]]) <- "wb_int64"
+        arrow_write_stream(df, file(job$out64, "wb"))
+      }
       info
     } else if (mode == "rwrite") {
       if (is.null(frames)) frames <- r_frames()
@@ -416,6 +420,57 @@ def test_buffers_past_64_mib_and_negative_int64_round_trip(tmp_path):
     got = read_stream(out)
     assert got.column("f").combine_chunks().equals(table.column("f").combine_chunks())
     assert got.column("i").cast(pa.int64()).to_numpy().tolist() == ints.tolist()
+
+
+def int64_cases(n: int = 400) -> dict:
+    """int64 columns around the edges the codec's fast paths test for: all in
+    [0, 2^31) (the int path), one value at or past a bound (2^31, -1, 2^52,
+    2^53), a zero (+0) next to the pattern of -0 (-2^63), nulls, all null."""
+    small = lambda: RNG.integers(0, 2**31, n)
+    cases = {"small": small(), "small_zero": np.append(small(), 0)}
+    for name, v in (("at_2_31", 2**31), ("at_2_31_less_1", 2**31 - 1), ("minus_1", -1),
+                    ("at_2_52", 2**52), ("at_2_53", 2**53), ("neg_2_31", -2**31),
+                    ("neg_2_31_plus_1", -2**31 + 1), ("min_int64", -2**63), ("past_2_53", 2**53 + 1)):
+        vals = small()
+        vals[RNG.integers(0, n)] = v
+        cases[name] = vals
+    cases["negative_small"] = RNG.integers(-2**31 + 1, 2**31, n)
+    cases["wide"] = RNG.integers(-2**62, 2**62, n)
+    return cases
+
+
+def test_int64_around_the_fast_paths_bounds(tmp_path):
+    """Read (R doubles, correctly rounded) and written back as int64 (exact
+    within 2^53), against pyarrow's own values."""
+    jobs, want = [], {}
+    for name, vals in int64_cases().items():
+        for nulls in (False, True):
+            m = mask(len(vals)) if nulls else None
+            arr = pa.array(vals, pa.int64(), mask=m)
+            tag = f"{name}-{nulls}"
+            src = tmp_path / f"i64-{tag}.arrow"
+            write_stream(src, pa.table({"i": arr}).to_batches(max_chunksize=150),
+                         pa.schema([("i", pa.int64())]))
+            exact = bool(np.all(np.abs(vals.astype(object)) <= 2**53))
+            job = {"mode": "roundtrip", "in": str(src), "out": str(tmp_path / f"o-{tag}.arrow"),
+                   "out64": str(tmp_path / f"o64-{tag}.arrow"), "as_int64": exact,
+                   "info": str(tmp_path / f"i-{tag}.json")}
+            jobs.append(job)
+            want[tag] = (job, arr, exact)
+    jobs.append({"mode": "roundtrip", "in": str(tmp_path / "allnull.arrow"),
+                 "out": str(tmp_path / "o-allnull.arrow"), "out64": str(tmp_path / "o64-allnull.arrow"),
+                 "as_int64": True, "info": str(tmp_path / "i-allnull.json")})
+    write_stream(tmp_path / "allnull.arrow", pa.table({"i": pa.nulls(5, pa.int64())}))
+    want["allnull"] = (jobs[-1], pa.nulls(5, pa.int64()), True)
+    run_driver(tmp_path, jobs)
+    for tag, (job, arr, exact) in want.items():
+        assert "error" not in load_info(job), (tag, load_info(job))
+        got = read_stream(job["out"]).column("i").combine_chunks()
+        doubles = [None if v is None else float(v) for v in arr.to_pylist()]
+        assert got.cast(pa.float64()).to_pylist() == doubles, tag
+        if exact:
+            back = read_stream(job["out64"]).column("i").combine_chunks()
+            assert back.type == pa.int64() and back.to_pylist() == arr.to_pylist(), tag
 
 
 def test_known_values(tmp_path):
