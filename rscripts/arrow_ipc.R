@@ -1186,6 +1186,10 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
 
 # The stream's first message, its schema: list(fields, error), error being
 # the arrow_codec_error of a schema the reader cannot decode (else NULL).
+# The last schema read, by its metadata bytes: a warm child reads the same
+# schema task after task, and parsing it is most of a small task's read (0.7
+# of 1.7 ms for 1,562 rows x 5 columns).  Only a schema that parsed cleanly is kept.
+.ai_schema_cache <- new.env(parent = emptyenv())
 .ai_read_schema <- function(s) {
   msg <- .ai_read_message(s)
   if (is.null(msg) || isTRUE(msg$eos))
@@ -1193,6 +1197,8 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
   if (msg$header_type != 1L)
     stop(.ai_stream_error(sprintf("Arrow stream does not start with a schema (message type %d)",
                                   msg$header_type)))
+  meta <- msg$header$buf
+  if (identical(meta, .ai_schema_cache$meta)) return(list(fields = .ai_schema_cache$fields, error = NULL))
   fields <- NULL
   error <- tryCatch({
     sch <- msg$header
@@ -1208,6 +1214,10 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
     }
     NULL
   }, arrow_codec_error = function(e) e)
+  if (is.null(error)) {
+    .ai_schema_cache$meta <- meta
+    .ai_schema_cache$fields <- fields
+  }
   list(fields = fields, error = error)
 }
 

@@ -81,3 +81,42 @@ def test_python_and_r_jobs_alternating_keep_their_warm_children(spark):
         started = [ln for ln in lines if f"started {role}" in ln]
         reused = [ln for ln in lines if f"reused {role}" in ln]
         assert len(started) <= 2 and len(reused) >= 4, (role, len(started), len(reused))
+
+
+def test_a_warm_r_child_reads_each_tasks_own_schema():
+    """One warm R child, task after task, streams whose schemas differ only in
+    a column's type (the R reader keeps the last schema it parsed, by its
+    bytes): each task's rows come back as they went in."""
+    import pyarrow as pa
+
+    from wbtest import ROOT, RUNTIME
+    from workerbridge.driver.closure import pack
+    from workerbridge.driver.gateway import Gateway
+    from workerbridge.task.pool import POOL
+    from workerbridge.task.spec import TaskSpec, WorkerOptions
+    from workerbridge.task.worker import Worker
+
+    tables = [pa.table({"a": pa.array([1, 2, 3], pa.int64())}),
+              pa.table({"a": pa.array([1, 2, 3], pa.int64())}),
+              pa.table({"a": pa.array([0.5, 1.5, -2.0], pa.float64())}),
+              pa.table({"a": pa.array(["x", None, "ü"], pa.string())}),
+              pa.table({"a": pa.array([7, None, 9], pa.int32())}),
+              pa.table({"a": pa.array([1, 2, 3], pa.int64()), "b": pa.array([True, False, None])}),
+              pa.table({"a": pa.array([4, 5, 6], pa.int64())})]
+    gw = Gateway(log_path=None)
+    pids = set()
+    try:
+        spec = TaskSpec(pack(R("function(d) d"), None, {}), RUNTIME.digest, None, gw.address,
+                        WorkerOptions(reuse=True))
+        for i, t in enumerate(tables):
+            w = Worker(spec, 0, f"schema-{i}", root=ROOT)
+            got = pa.Table.from_batches(list(w.run(iter(t.to_batches()))))
+            pids.add(w.child.pid)
+            assert got.column_names == t.column_names, i
+            for name in t.column_names:
+                want = t.column(name).to_pylist()
+                assert got.column(name).to_pylist() == want, (i, name)
+    finally:
+        POOL.close_all()
+        gw.stop()
+    assert len(pids) == 1          # the same child read every schema
