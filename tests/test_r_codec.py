@@ -430,7 +430,8 @@ def int64_cases(n: int = 400) -> dict:
     cases = {"small": small(), "small_zero": np.append(small(), 0)}
     for name, v in (("at_2_31", 2**31), ("at_2_31_less_1", 2**31 - 1), ("minus_1", -1),
                     ("at_2_52", 2**52), ("at_2_53", 2**53), ("neg_2_31", -2**31),
-                    ("neg_2_31_plus_1", -2**31 + 1), ("min_int64", -2**63), ("past_2_53", 2**53 + 1)):
+                    ("neg_2_31_plus_1", -2**31 + 1), ("min_int64", -2**63),
+                    ("past_2_53", 2**53 + 1)):
         vals = small()
         vals[RNG.integers(0, n)] = v
         cases[name] = vals
@@ -458,7 +459,8 @@ def test_int64_around_the_fast_paths_bounds(tmp_path):
             jobs.append(job)
             want[tag] = (job, arr, exact)
     jobs.append({"mode": "roundtrip", "in": str(tmp_path / "allnull.arrow"),
-                 "out": str(tmp_path / "o-allnull.arrow"), "out64": str(tmp_path / "o64-allnull.arrow"),
+                 "out": str(tmp_path / "o-allnull.arrow"),
+                 "out64": str(tmp_path / "o64-allnull.arrow"),
                  "as_int64": True, "info": str(tmp_path / "i-allnull.json")})
     write_stream(tmp_path / "allnull.arrow", pa.table({"i": pa.nulls(5, pa.int64())}))
     want["allnull"] = (jobs[-1], pa.nulls(5, pa.int64()), True)

@@ -119,7 +119,8 @@ def test_a_partition_of_several_large_batches_and_a_slice():
     rng = np.random.default_rng(5)
     batches = []
     for b in range(3):
-        words = [None if k % 97 == 0 else f"{b}-{k}-{'é' * (k % 3)}" for k in rng.integers(0, 10**9, n + 9)]
+        words = [None if k % 97 == 0 else f"{b}-{k}-{'é' * (k % 3)}"
+                 for k in rng.integers(0, 10**9, n + 9)]
         s = hiding_nulls(words, "hidden", b"spare bytes" if b != 1 else b"")
         ls = pa.array(words[::-1], pa.large_string())
         whole = pa.record_batch({"s": s, "ls": ls})
