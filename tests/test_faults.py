@@ -241,6 +241,8 @@ FAKE_CHILD = textwrap.dedent("""
         s.sendall(data[: len(data) // 2])
     elif mode == "wrong-protocol":
         pass
+    elif mode == "exit-during-input":
+        os._exit(0)        # the Worker is still sending the partition: its send fails
     sys.stderr.write("fake child done\\n")
     sys.stderr.flush()
     if mode in ("garbage", "oversized-frame"):
@@ -250,6 +252,17 @@ FAKE_CHILD = textwrap.dedent("""
 """)
 
 
+def fake_child_options(tmp_path, mode: str) -> dict:
+    """Options that make the Worker start FAKE_CHILD in `mode` as its Python."""
+    script = tmp_path / "fakepython"
+    body = tmp_path / "fake_child.py"
+    body.write_text(FAKE_CHILD)
+    script.write_text(f"#!/bin/sh\nexec {sys.executable} {body}\n")
+    script.chmod(0o755)
+    src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return {"python": str(script), "env": {"WB_FAKE": mode, "WB_SRC": src}}
+
+
 @pytest.mark.parametrize("mode, expected", [
     ("garbage", "unknown message type"),
     ("truncated-frame", "ended before finishing"),
@@ -257,17 +270,24 @@ FAKE_CHILD = textwrap.dedent("""
     ("cut-arrow-stream", "ended before finishing"),
 ])
 def test_transport_faults_are_typed(tmp_path, mode, expected):
-    script = tmp_path / "fakepython"
-    body = tmp_path / "fake_child.py"
-    body.write_text(FAKE_CHILD)
-    script.write_text(f"#!/bin/sh\nexec {sys.executable} {body}\n")
-    script.chmod(0o755)
-    src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    options = fake_child_options(tmp_path, mode)
     t0 = time.monotonic()
     with pytest.raises((TransportError, ChildDiedError)) as info:
-        run_on_driver(lambda d: d, {"python": str(script), "env": {"WB_FAKE": mode, "WB_SRC": src}})
+        run_on_driver(lambda d: d, options)
     assert expected in str(info.value)
     assert time.monotonic() - t0 < 20
+
+
+def test_a_child_gone_while_its_input_is_sent_is_not_an_upstream_failure(tmp_path):
+    """The child exits while the Worker's writer is still sending a large
+    partition: the failed send is the child's side, and the error says the
+    child ended, not that Spark's input failed."""
+    options = fake_child_options(tmp_path, "exit-during-input")
+    for _ in range(3):
+        with pytest.raises((TransportError, ChildDiedError)) as info:
+            run_on_driver(lambda d: d, options, rows=3_000_000)
+        assert "ended before finishing" in str(info.value)
+        assert "upstream" not in str(info.value)
 
 
 def test_missing_rscript_and_r_package(spark):

@@ -433,7 +433,10 @@ class Worker:
             self.stats["rows_sent"] = rows
         except BaseException as e:                  # noqa: BLE001 - stored, re-raised by the reader
             sink.cut()
-            self._writer_error = e
+            # a failed send is the child's side going away: the reader meets that
+            # itself (and says so); only a failure of the input is upstream
+            if sink.error is None:
+                self._writer_error = e
             try:
                 conn.shutdown(socket.SHUT_WR)
             except OSError:
@@ -641,6 +644,7 @@ class _SocketSink:
         self.sock = sock
         self.closed = False
         self._cut = False
+        self.error: Optional[OSError] = None    # the send to the child that failed
 
     def cut(self) -> None:
         """Send nothing more, whatever the writer still flushes (no end marker)."""
@@ -648,7 +652,11 @@ class _SocketSink:
 
     def write(self, data) -> int:
         if not self._cut:
-            self.sock.sendall(data)
+            try:
+                self.sock.sendall(data)
+            except OSError as e:
+                self.error = e
+                raise
         return len(data)
 
     def flush(self) -> None:
