@@ -1490,7 +1490,7 @@ arrow_prepare_frame <- function(df, known_strings = NULL) {
 # Encode rows `rows` (or all) of the prepared columns into one record batch message.
 .ai_batch_message <- function(prep, rows, n) {
   p <- .ai_batch_parts(prep, rows, n)
-  list(meta = .ai_message(3L, p$rb, p$length), body = p$body)
+  list(meta = .ai_batch_meta(p), body = p$body)
 }
 
 # The dictionary batch messages of a prepared frame's dictionary columns
@@ -1502,7 +1502,7 @@ arrow_prepare_frame <- function(df, known_strings = NULL) {
     if (col$kind != "dict") next
     values <- list(cols = list(list(kind = "utf8", x = col$dict, name = col$name)))
     p <- .ai_batch_parts(values, NULL, length(col$dict))
-    db <- .fbb_table(.fbb_field(0L, "i64", j - 1L), .fbb_field(1L, "off", p$rb),
+    db <- .fbb_table(.fbb_field(0L, "i64", j - 1L), .fbb_field(1L, "off", .ai_record_batch_table(p)),
                      .fbb_field(2L, "bool", 0L))
     out[[length(out) + 1L]] <- list(meta = .ai_message(2L, db, p$length), body = p$body)
   }
@@ -1574,14 +1574,47 @@ arrow_prepare_frame <- function(df, known_strings = NULL) {
         add(if (total > 0) unlist(x, use.names = FALSE) else raw(0))
       })
   }
-  struct_bytes <- function(a, b) .ai_int64_bytes(as.vector(rbind(a, b)))
-  rb <- .fbb_table(
-    .fbb_field(0L, "i64", n),
-    .fbb_field(1L, "off", .fbb_structs(if (length(nlen)) struct_bytes(nlen, nnull) else raw(0),
-                                       length(nlen))),
-    .fbb_field(2L, "off", .fbb_structs(if (length(boffs)) struct_bytes(boffs, blens) else raw(0),
-                                       length(boffs))))
-  list(rb = rb, body = pieces, length = pos)
+  struct_bytes <- function(a, b) if (length(a)) .ai_int64_bytes(as.vector(rbind(a, b))) else raw(0)
+  list(nodes = struct_bytes(nlen, nnull), buffers = struct_bytes(boffs, blens), rows = n,
+       body = pieces, length = pos)
+}
+
+# The RecordBatch table of .ai_batch_parts' `p`.
+.ai_record_batch_table <- function(p)
+  .fbb_table(.fbb_field(0L, "i64", p$rows),
+             .fbb_field(1L, "off", .fbb_structs(p$nodes, length(p$nodes) %/% 16L)),
+             .fbb_field(2L, "off", .fbb_structs(p$buffers, length(p$buffers) %/% 16L)))
+
+# The metadata of a record batch message.  The builder writes every field, so
+# its layout depends only on the numbers of field nodes and buffers: it is
+# built once for each, and then the batch's values are written in place, at
+# the positions where the reader finds them (building it took ~0.5 ms a batch).
+.ai_batch_layouts <- new.env(parent = emptyenv())
+.ai_batch_meta <- function(p) {
+  key <- sprintf("n%d_b%d", length(p$nodes), length(p$buffers))
+  lay <- .ai_batch_layouts[[key]]
+  if (is.null(lay)) {
+    if (length(.ai_batch_layouts) >= 64L)
+      rm(list = ls(.ai_batch_layouts, all.names = TRUE), envir = .ai_batch_layouts)
+    lay <- .ai_batch_layouts[[key]] <- .ai_batch_layout(length(p$nodes), length(p$buffers))
+  }
+  meta <- lay$meta
+  meta[lay$rows + 1:8] <- .ai_int64_bytes(p$rows)
+  meta[lay$body + 1:8] <- .ai_int64_bytes(p$length)
+  if (length(p$nodes)) meta[lay$nodes + seq_along(p$nodes)] <- p$nodes
+  if (length(p$buffers)) meta[lay$buffers + seq_along(p$buffers)] <- p$buffers
+  meta
+}
+# A record batch message's metadata with zero values, and the 0-based
+# positions of its values (after the 8-byte prefix), found by the reader.
+.ai_batch_layout <- function(node_bytes, buffer_bytes) {
+  p <- list(rows = 0, nodes = raw(node_bytes), buffers = raw(buffer_bytes))
+  meta <- .ai_message(3L, .ai_record_batch_table(p), 0)
+  fb <- meta[-(1:8)]
+  m <- .fb_table(fb, .ai_u32(fb, 0))
+  rb <- .fb_subtable(m, 2L)
+  list(meta = meta, rows = 8 + .fb_field_pos(rb, 0L), body = 8 + .fb_field_pos(m, 3L),
+       nodes = 8 + .fb_vector(rb, 1L, 16L)$start, buffers = 8 + .fb_vector(rb, 2L, 16L)$start)
 }
 
 # Where the writer's bytes go: a connection, a function(bytes), or (con = NULL)
