@@ -7,7 +7,7 @@
 #
 # Public functions:
 #   arrow_read_stream(src, int64 = c("double", "character"), factors = FALSE,
-#                     on_batch = NULL, timing = NULL, keep_strings = NULL)
+#                     on_batch = NULL, timing = NULL, keep = NULL)
 #       src: a binary connection (read message by message; never reads past
 #       the end-of-stream marker), a raw vector, or a file path.
 #       Returns a base data.frame (check.names = FALSE, stringsAsFactors = FALSE).
@@ -17,10 +17,12 @@
 #       is re-raised unchanged once the rest of the stream has been consumed.
 #       timing: NULL, or an environment whose `transfer` (seconds) grows by the
 #       time spent reading from src.
-#       keep_strings: NULL, or an environment whose `cols` gets, for each plain
-#       string column of a stream read whole, list(x = the column, pieces =
-#       each batch's Arrow bytes and offsets); pass it to arrow_prepare_frame
-#       so that a column the caller leaves as it is goes back as it came.
+#       keep: NULL, or an environment whose `cols` gets, for each plain string
+#       column and each signed int64 column of a stream read whole, the column
+#       and the Arrow bytes it was read from: list(kind = "utf8", x, pieces =
+#       each batch's bytes and offsets) or list(kind = "int64", x, bits = each
+#       batch's values buffer as doubles); pass it to arrow_prepare_frame so
+#       that a column the caller leaves as it is goes back as it came.
 #   arrow_skip_stream(src)
 #       Consumes a stream up to its end-of-stream marker without decoding it.
 #   arrow_write_stream(df, con = NULL, batch_rows = 1048576L, vectors = FALSE)
@@ -34,12 +36,15 @@
 #       list(write(df_or_prepared), close()): one stream written frame by
 #       frame (schema with the first frame, end-of-stream marker on close;
 #       later frames must have the first frame's columns).
-#   arrow_prepare_frame(df, known_strings = NULL)
+#   arrow_prepare_frame(df, known = NULL, int64_names = NULL)
 #       Checks and converts the columns of df for writing (raises an
 #       arrow_codec_error naming the column if one cannot be written); the
 #       result can be passed to arrow_write_stream instead of df.
-#       known_strings: keep_strings$cols of a read; a character column
-#       identical() to one of them is written from its bytes, not re-encoded.
+#       known: keep$cols of a read.  A character column identical() to a
+#       kept string column is written from its bytes, not re-encoded; a
+#       column named in int64_names (double, or character for int64 =
+#       "character") identical() to a kept int64 column is written as int64
+#       from the values it was read from (exact, even past 2^53).
 #
 # Errors are conditions of class "arrow_codec_error" (a column or its type
 # cannot be decoded/encoded; $column names it; when reading, the rest of the
@@ -751,8 +756,11 @@
       vb <- .ai_need(bufs[[2L]], ceiling(n / 8), "values", name)
       .ai_setna(if (n) as.logical(rawToBits(vb)[seq_len(n)]) else logical(0), valid)
     },
-    Int = if (t$bitWidth == 64L) .ai_decode_int64(t, n, bufs, valid, name, opts, state)
-          else .ai_decode_int(t, n, bufs, valid, name, state),
+    Int = if (t$bitWidth != 64L) .ai_decode_int(t, n, bufs, valid, name, state)
+          else if (!isTRUE(opts$keep) || !t$signed || !is.double(bufs[[2L]]))
+            .ai_decode_int64(t, n, bufs, valid, name, opts, state)
+          else structure(list(x = .ai_decode_int64(t, n, bufs, valid, name, opts, state),
+                              bits = .ai_first(bufs[[2L]], n)), class = "ai_int64_bits"),
     FloatingPoint = {
       size <- if (t$precision == 1L) 4L else 8L
       vb <- .ai_need(bufs[[2L]], n * size, "values", name)
@@ -761,7 +769,7 @@
     Utf8 = , LargeUtf8 = {
       offs <- .ai_read_offsets(bufs[[2L]], n, t$kind == "LargeUtf8", name)
       x <- .ai_decode_strings(bufs[[3L]], offs, n, valid, name)
-      if (!isTRUE(opts$keep_strings)) x
+      if (!isTRUE(opts$keep)) x
       else structure(list(x = x, data = bufs[[3L]], offs = offs), class = "ai_string_piece")
     },
     Binary = , LargeBinary = .ai_decode_binary(t, n, bufs, valid, name),
@@ -1073,11 +1081,11 @@
 # (.ai_decode_batch, kept or handed to on_batch) or a dictionary batch
 # (.ai_read_dictionary), then the kept batches bound per column.
 arrow_read_stream <- function(src, int64 = c("double", "character"), factors = FALSE,
-                              on_batch = NULL, timing = NULL, keep_strings = NULL) {
+                              on_batch = NULL, timing = NULL, keep = NULL) {
   int64 <- match.arg(int64)
   streaming <- is.function(on_batch)
   opts <- list(int64 = int64, factors = isTRUE(factors),
-               keep_strings = !streaming && is.environment(keep_strings))
+               keep = !streaming && is.environment(keep))
   s <- .ai_source(src, timing)
   if (s$close) on.exit(close(s$con))
   state <- .ai_reader_state()
@@ -1131,7 +1139,8 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
     p <- parts[[j]]
     parts[j] <- list(NULL)
     cols[[j]] <- if (length(p) == 0L) .ai_empty_base(fields[[j]], opts)
-                 else if (inherits(p[[1L]], "ai_string_piece")) .ai_bind_strings(p, keep_strings)
+                 else if (inherits(p[[1L]], "ai_string_piece")) .ai_bind_strings(p, keep)
+                 else if (inherits(p[[1L]], "ai_int64_bits")) .ai_bind_int64(p, keep)
                  else if (length(p) == 1L) p[[1L]]
                  else do.call(c, unname(p))
   }
@@ -1143,7 +1152,16 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
 .ai_bind_strings <- function(p, keep) {
   x <- if (length(p) == 1L) p[[1L]]$x else do.call(c, lapply(p, function(q) q$x))
   for (i in seq_along(p)) p[[i]]$x <- NULL
-  keep$cols[[length(keep$cols) + 1L]] <- list(x = x, pieces = p)
+  keep$cols[[length(keep$cols) + 1L]] <- list(kind = "utf8", x = x, pieces = p)
+  x
+}
+
+# The column of int64 pieces p (one per batch); their values buffers (the
+# int64 bits, read as doubles) appended to keep$cols, for .ai_known_int64.
+.ai_bind_int64 <- function(p, keep) {
+  x <- if (length(p) == 1L) p[[1L]]$x else do.call(c, lapply(p, function(q) q$x))
+  keep$cols[[length(keep$cols) + 1L]] <- list(kind = "int64", x = x,
+                                              bits = lapply(p, function(q) q$bits))
   x
 }
 
@@ -1234,7 +1252,7 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
   vf <- list(name = f$name, type = f$type, dict = NULL)
   data <- .fb_subtable(db, 1L)
   if (is.null(data)) stop(.ai_codec_error("dictionary batch without data"))
-  opts$keep_strings <- FALSE             # a dictionary's values are not a column
+  opts$keep <- FALSE                     # a dictionary's values are not a column
   db <- .ai_decode_batch(data, msg, list(vf), opts, state, "dictionary batch")
   vals <- db$cols[[1L]]
   key <- as.character(id)
@@ -1265,7 +1283,7 @@ arrow_skip_stream <- function(src) {
 # Check the columns and bring each to a canonical form:
 #   list(name, kind, x, tz) with kind one of bool, int32, float64, utf8,
 #   date32, timestamp, binary, int64 (doubles of class "wb_int64").
-arrow_prepare_frame <- function(df, known_strings = NULL) {
+arrow_prepare_frame <- function(df, known = NULL, int64_names = NULL) {
   if (inherits(df, "arrow_prepared_frame")) return(df)
   if (!is.data.frame(df)) stop(.ai_codec_error("arrow_write_stream needs a data.frame"))
   nrow <- .row_names_info(df, 2L)
@@ -1317,11 +1335,15 @@ arrow_prepare_frame <- function(df, known_strings = NULL) {
     } else if (is.integer(x)) {
       list(kind = "int32", x = as.vector(x))
     } else if (is.double(x)) {
-      list(kind = "float64", x = as.vector(x))
+      bits <- if (name %in% int64_names) .ai_known_int64(x, known)
+      if (is.null(bits)) list(kind = "float64", x = as.vector(x))
+      else list(kind = "int64", x = x, bits = bits)
     } else if (is.character(x)) {
+      bits <- if (name %in% int64_names) .ai_known_int64(x, known)
       x <- enc2utf8(as.vector(x))
-      known <- .ai_known_strings(x, known_strings)
-      if (is.null(known)) .ai_string_column(x) else list(kind = "utf8", x = x, known = known)
+      got <- if (is.null(bits)) .ai_known_strings(x, known)
+      if (!is.null(bits)) list(kind = "int64", x = x, bits = bits)
+      else if (is.null(got)) .ai_string_column(x) else list(kind = "utf8", x = x, known = got)
     } else if (is.list(x)) {
       isnull <- vapply(x, is.null, NA)
       ok <- isnull | vapply(x, is.raw, NA)
@@ -1344,13 +1366,13 @@ arrow_prepare_frame <- function(df, known_strings = NULL) {
 }
 
 # For a character column x, the bytes and int32 offsets it was read from,
-# list(data = <raw pieces>, offs = <integer pieces>), when `known` (keep_strings$cols of a
+# list(data = <raw pieces>, offs = <integer pieces>), when `known` (keep$cols of a
 # read) holds a column identical to it, else NULL.  identical() compares
 # strings by address first: an unchanged column costs one pass over its
 # pointers, a changed one stops at its first change.
 .ai_known_strings <- function(x, known) {
   for (k in known) {
-    if (!identical(k$x, x)) next
+    if (k$kind != "utf8" || !identical(k$x, x)) next
     data <- list()
     offs <- list(0L)
     base <- 0
@@ -1371,6 +1393,13 @@ arrow_prepare_frame <- function(df, known_strings = NULL) {
     }
     return(list(data = data, offs = offs))
   }
+  NULL
+}
+
+# The int64 values buffers (as doubles) that the column x was read from, when
+# `known` holds an int64 column identical to it, else NULL.
+.ai_known_int64 <- function(x, known) {
+  for (k in known) if (k$kind == "int64" && identical(k$x, x)) return(k$bits)
   NULL
 }
 
@@ -1545,8 +1574,12 @@ arrow_prepare_frame <- function(df, known_strings = NULL) {
       bool = { if (nc) x[na] <- FALSE; add(.ai_bitmap(x)) },
       int32 = add(.ai_vec(x, 4L)),
       dict = { if (nc) x[na] <- 1L; add(.ai_vec(x - 1L, 4L)) },
-      int64 = add(if (is.null(col$i32)) .ai_int64_piece(x)
-                  else .ai_vec(if (is.null(rows)) col$i32 else col$i32[rows], 8L)),
+      int64 = if (!is.null(col$bits)) {
+        # the values as they were read (their bits, kept as doubles)
+        if (is.null(rows)) do.call(add, lapply(col$bits, .ai_vec, 8L))
+        else add(.ai_vec(unlist(col$bits, use.names = FALSE)[rows], 8L))
+      } else add(if (is.null(col$i32)) .ai_int64_piece(x)
+                 else .ai_vec(if (is.null(rows)) col$i32 else col$i32[rows], 8L)),
       float64 = add(.ai_vec(x, 8L)),
       date32 = { if (nc) x[na] <- 0; add(.ai_vec(as.integer(x), 4L)) },
       timestamp = add(.ai_int64_piece(round(x * 1e6))),

@@ -17,7 +17,8 @@
 # TASK fields used: partition, r_lib and options$ship_r (shipped packages,
 # rscripts/shipped.R), closure_hash (an empty CLOSURE frame reuses the
 # closure received earlier under that hash), context, barrier, packages (top
-# level or in options), options: int64 ("double"|"character"), factors,
+# level or in options), int64_out (the output schema's int64 columns),
+# options: int64 ("double"|"character"), factors,
 # batch_rows, group_by (the closure runs per group; missing key columns are put
 # in front of each group's result, empty results dropped), tag_units (adds
 # int64 columns __wb_partition and __wb_unit), partition_index_param,
@@ -508,6 +509,8 @@ local({
        context = task$context,
        packages = unique(as.character(unlist(c(task$packages, opts$packages), use.names = FALSE))),
        group_by = group_by,
+       # the output schema's int64 columns: one the closure leaves as read goes back as int64
+       int64_out = as.character(unlist(task$int64_out, use.names = FALSE)),
        index_param = if (is.character(opts$partition_index_param) &&
                          length(opts$partition_index_param) == 1L) opts$partition_index_param else NULL,
        hash = if (is.character(task$closure_hash) && length(task$closure_hash) == 1L) task$closure_hash else NULL,
@@ -666,7 +669,7 @@ local({
 # when given); decoding warnings (int64 beyond 2^53) become WARN lines in the
 # driver's log.  Returns what arrow_read_stream returns, or the condition
 # (arrow_codec_error, or wb_batch_failed from on_batch) that ended it.
-.wb$wb_read_input <- function(con, tk, on_batch = NULL, keep_strings = NULL) {
+.wb$wb_read_input <- function(con, tk, on_batch = NULL, keep = NULL) {
   decode_warning <- function(w) {
     tk$log(conditionMessage(w), level = "WARN")
     invokeRestart("muffleWarning")
@@ -674,7 +677,7 @@ local({
   tryCatch(withCallingHandlers(
              wb_nojit(arrow_read_stream(con, int64 = tk$int64, factors = tk$factors,
                                         on_batch = on_batch, timing = tk$prof$timing,
-                                        keep_strings = keep_strings)),
+                                        keep = keep)),
              warning = decode_warning),
            wb_batch_failed = function(e) e,
            arrow_codec_error = function(e) e)
@@ -706,10 +709,11 @@ local({
   prof <- tk$prof
   out <- tk$out
   t_read <- prof$now()
-  # the string columns' Arrow bytes: one the closure leaves as it is goes
-  # back as it came, with no re-encoding
-  strings <- new.env(parent = emptyenv())
-  df <- wb_read_input(con, tk, keep_strings = strings)
+  # the string and int64 columns' Arrow bytes: one the closure leaves as it
+  # is goes back as it came, with no re-encoding (int64: when the output
+  # schema has an int64 column of its name, TASK int64_out)
+  kept <- new.env(parent = emptyenv())
+  df <- wb_read_input(con, tk, keep = kept)
   if (inherits(df, "arrow_codec_error")) return(wb_task_failed(tk, wb_codec_failure(df)))
   if (prof$on) prof$add("decode", prof$now() - t_read - prof$timing$transfer)
   rows_in <- .row_names_info(df, 2L)
@@ -732,8 +736,8 @@ local({
                       detail = if (length(tk$group_by)) sprintf(" in %d groups", length(units)) else ""))
 
   t0 <- prof$now()
-  prep <- wb_prepare_result(result, df, units, tk, strings$cols)
-  strings$cols <- NULL                   # prep holds the ones it uses
+  prep <- wb_prepare_result(result, df, units, tk, kept$cols)
+  kept$cols <- NULL                      # prep holds the ones it uses
   if (inherits(prep, "error")) return(wb_task_failed(tk, wb_result_failure(prep)))
   rows_out <- prep$nrow
   tk$log(wb_lifecycle("returned", rows = rows_out))
@@ -768,7 +772,7 @@ local({
 
 # The closure's results as one prepared frame: with groups, each given the key
 # columns it lacks, empty ones dropped, tagged and row-bound; or the error.
-.wb$wb_prepare_result <- function(result, df, units, tk, known_strings = NULL) {
+.wb$wb_prepare_result <- function(result, df, units, tk, known = NULL) {
   task <- tk$task
   opts <- tk$opts
   group_by <- tk$group_by
@@ -784,7 +788,7 @@ local({
     } else {
       res <- wb_tag(frames[[1L]], task, opts, 0L)
     }
-    wb_nojit(arrow_prepare_frame(wb_mark_int64(res, opts), known_strings))
+    wb_nojit(arrow_prepare_frame(wb_mark_int64(res, opts), known, tk$int64_out))
   }, error = function(e) e)
 }
 

@@ -1,7 +1,8 @@
 """A string column the R closure leaves unchanged goes back as it was read
-(rscripts/arrow_ipc.R: keep_strings, known_strings), and every other column
-is encoded from its R strings: generated partitions through a real Worker and
-R child, the input itself as the oracle.
+(rscripts/arrow_ipc.R: keep, known), and every other column is encoded from
+its R strings: generated partitions through a real Worker and R child, the
+input itself as the oracle.  So does an int64 column, where the output schema
+wants int64: exact, where R's doubles would have rounded it.
 
 The closure returns, side by side, the column as read (twice), a copy with
 one middle value changed, the column reversed, and a large_string column as
@@ -136,7 +137,7 @@ args <- commandArgs(trailingOnly = TRUE)
 source(file.path(args[1L], "protocol.R"))
 source(file.path(args[1L], "arrow_ipc.R"))
 keep <- new.env(parent = emptyenv())
-df <- arrow_read_stream(args[2L], keep_strings = keep)
+df <- arrow_read_stream(args[2L], keep = keep)
 df$changed <- df$s
 df$changed[2L] <- "changed"
 prep <- arrow_prepare_frame(df, keep$cols)
@@ -173,3 +174,54 @@ def test_what_pyarrow_writes_is_passed_through(tmp_path):
     assert got.column("s").to_pylist() == s
     assert got.column("ls").to_pylist() == s
     assert got.column("changed").to_pylist() == [s[0], "changed", *s[2:]]
+
+
+INT64_CLOSURE = R("""function(d) {
+  m <- d$k
+  if (length(m)) m[1L] <- if (is.na(m[1L])) 7 else m[1L] + 1
+  data.frame(a = d$a, again = d$a, k = d$k, changed = m, rev = rev(d$k), a_double = d$a)
+}""")
+INT64_OUT = pa.schema([("a", pa.int64()), ("again", pa.int64()), ("k", pa.int64()),
+                       ("changed", pa.int64()), ("rev", pa.int64()), ("a_double", pa.float64())])
+# past 2^53 (odd: a double cannot hold them), and int64's ends
+EXTREMES = [2**53 + 1, -(2**53 + 1), 2**63 - 1, -2**63, 2**62 + 3]
+
+
+@st.composite
+def int64_partitions(draw):
+    """1-4 batches of 0-40 rows: `a` over all of int64 (the first batch starts
+    with EXTREMES), `k` within 2^53; both with nulls."""
+    batches = []
+    for b in range(draw(st.integers(1, 4))):
+        n = draw(st.integers(0, 40))
+        a = draw(st.lists(st.none() | st.integers(-2**63, 2**63 - 1), min_size=n, max_size=n))
+        k = draw(st.lists(st.none() | st.integers(-2**53 + 2, 2**53 - 2), min_size=n, max_size=n))
+        if b == 0:
+            a, k = EXTREMES + a, [1, None, -5, 0, 2**52] + k
+        batches.append(pa.record_batch({"a": pa.array(a, pa.int64()), "k": pa.array(k, pa.int64())}))
+    return batches
+
+
+@SETTINGS
+@given(int64_partitions(), st.sampled_from([{}, {"batch_rows": 7}]))
+def test_unchanged_int64_columns_go_back_exact_where_the_schema_wants_int64(batches, options):
+    """`a` and `again` come back exactly as read (past 2^53 too); the changed
+    and reordered `k` as R computed them; `a_double`, the same column under a
+    float64 schema, as the doubles R holds (float(v), one rounding)."""
+    gw = Gateway(log_path=None)
+    try:
+        spec = TaskSpec(pack(INT64_CLOSURE, None, options), RUNTIME.digest, INT64_OUT,
+                        gw.address, WorkerOptions())
+        got = pa.Table.from_batches(
+            list(Worker(spec, 0, "int64", root=ROOT).run(iter(batches))), schema=INT64_OUT)
+    finally:
+        gw.stop()
+    a = [v for b in batches for v in b.column("a").to_pylist()]
+    k = [v for b in batches for v in b.column("k").to_pylist()]
+    changed = [7 if k[0] is None else k[0] + 1] + k[1:]
+    assert got.column("a").to_pylist() == a
+    assert got.column("again").to_pylist() == a
+    assert got.column("k").to_pylist() == k
+    assert got.column("changed").to_pylist() == changed
+    assert got.column("rev").to_pylist() == k[::-1]
+    assert got.column("a_double").to_pylist() == [None if v is None else float(v) for v in a]

@@ -405,6 +405,10 @@ class Worker:
             msg["context"] = json.loads(self.closure.context_json)
         if R_PACKAGES in self.shipped:
             msg["r_lib"] = self.shipped[R_PACKAGES]
+        if self.closure.language == R_LANG and self.spec.out_schema is not None:
+            # R has no int64: an int64 column it leaves as read goes back as
+            # int64, from its Arrow bytes, only where the schema wants int64
+            msg["int64_out"] = [f.name for f in self.spec.out_schema if pa.types.is_int64(f.type)]
         msg.update(self.extra)
         return msg
 
