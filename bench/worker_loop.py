@@ -4,6 +4,8 @@
     .venv/bin/python bench/worker_loop.py --lang r --keys 1000 --profile
     WORKERBRIDGE_RPROF=/tmp/r.prof .venv/bin/python bench/worker_loop.py --lang r
     Rscript -e 'summaryRprof("/tmp/r.prof")$by.total[1:30, ]'
+    (the whole child's life, GC included; read it for shares: Rprof counts
+    2 ms a sample, and the kernel may fire its timer less often)
     .venv/bin/py-spy record --subprocesses -f raw -o /tmp/w.raw -- \\
         .venv/bin/python bench/worker_loop.py --lang python
 

@@ -112,11 +112,8 @@ local({
   wb_closure_jit <<- compiler::enableJIT(0L)
   cache <- new.env(parent = emptyenv())     # closure_hash -> function (warm reuse)
   baseline <- wb_baseline()
-  # WORKERBRIDGE_RPROF=<file>: an Rprof sampling profile of the child's life
-  # from here, its waits between tasks included (bench/; not with profile=True,
-  # whose own Rprof ends it).  Started once: restarted in every task, its timer
-  # missed short tasks.  Read it for shares: a sample is counted as 2 ms,
-  # while the kernel may fire the profiling timer less often.
+  # WORKERBRIDGE_RPROF=<file>: Rprof of the child's whole life (bench/; not with
+  # profile=True), started once: restarted per task, it missed short tasks.
   prof <- Sys.getenv("WORKERBRIDGE_RPROF", "")
   if (nzchar(prof)) utils::Rprof(prof, interval = 0.002, gc.profiling = TRUE)
   dirty <- FALSE
