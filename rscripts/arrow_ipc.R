@@ -160,6 +160,8 @@
 # exact steps), they need no integer arithmetic at all.  Used when every value
 # is in that range (and the FPU keeps subnormals: checked on a sentinel).
 .ai_subnormal_one <- as.raw(c(1, 0, 0, 0, 0, 0, 0, 0))
+.ai_keeps_subnormals <- function()
+  readBin(.ai_subnormal_one, "double", size = 8L) * 2^537 * 2^537 == 1
 # The double whose bit pattern is the int64 2^31.
 .ai_subnormal_2_31 <- 2147483648 * 2^-537 * 2^-537
 .ai_i64_vec <- function(bytes, n, signed = TRUE) {
@@ -171,7 +173,7 @@
   # must be +0 (-0 is the pattern of -2^63).
   top <- if (anyNA(x) || min(x) < 0) Inf else max(x)
   if (top < 2^-1022 && (min(x) > 0 || all(1 / x[which(x == 0)] > 0)) &&
-      readBin(.ai_subnormal_one, "double", size = 8L) * 2^537 * 2^537 == 1) {
+      .ai_keeps_subnormals()) {
     # all in [0, 2^31) (the common case: ids, counts): read again as 8-byte
     # integers, which R narrows to int exactly in that range (2.5M values
     # 0.05 s, against 0.10 s scaled); else scaled at once (the readBin result
@@ -241,8 +243,7 @@
 .ai_int64_bytes <- function(x) .ai_piece_raw(.ai_int64_piece(x))
 .ai_int64_piece <- function(x) {
   if (anyNA(x)) x[is.na(x)] <- 0
-  if (length(x) && min(x) >= 0 && max(x) < 4503599627370496 &&
-      readBin(.ai_subnormal_one, "double", size = 8L) * 2^537 * 2^537 == 1)
+  if (length(x) && min(x) >= 0 && max(x) < 4503599627370496 && .ai_keeps_subnormals())
     return(.ai_vec(x * 2^-537 * 2^-537 + 0, 8L))
   hi <- floor(x / 4294967296)
   lo <- x - hi * 4294967296
@@ -1150,7 +1151,7 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
 # The character column of string pieces p (one per batch); their bytes and
 # offsets appended to keep$cols, for .ai_known_strings.
 .ai_bind_strings <- function(p, keep) {
-  x <- if (length(p) == 1L) p[[1L]]$x else do.call(c, lapply(p, function(q) q$x))
+  x <- .ai_bind_values(p)
   for (i in seq_along(p)) p[[i]]$x <- NULL
   keep$cols[[length(keep$cols) + 1L]] <- list(kind = "utf8", x = x, pieces = p)
   x
@@ -1159,11 +1160,15 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
 # The column of int64 pieces p (one per batch); their values buffers (the
 # int64 bits, read as doubles) appended to keep$cols, for .ai_known_int64.
 .ai_bind_int64 <- function(p, keep) {
-  x <- if (length(p) == 1L) p[[1L]]$x else do.call(c, lapply(p, function(q) q$x))
+  x <- .ai_bind_values(p)
   keep$cols[[length(keep$cols) + 1L]] <- list(kind = "int64", x = x,
                                               bits = lapply(p, function(q) q$bits))
   x
 }
+
+# The values $x of pieces p, one vector.
+.ai_bind_values <- function(p)
+  if (length(p) == 1L) p[[1L]]$x else do.call(c, lapply(p, function(q) q$x))
 
 # kinds(root) for .ai_read_message: the buffer kinds of a record batch, or of
 # a dictionary batch's values (NULL: all raw)
@@ -1341,9 +1346,11 @@ arrow_prepare_frame <- function(df, known = NULL, int64_names = NULL) {
     } else if (is.character(x)) {
       bits <- if (name %in% int64_names) .ai_known_int64(x, known)
       x <- enc2utf8(as.vector(x))
-      got <- if (is.null(bits)) .ai_known_strings(x, known)
       if (!is.null(bits)) list(kind = "int64", x = x, bits = bits)
-      else if (is.null(got)) .ai_string_column(x) else list(kind = "utf8", x = x, known = got)
+      else {
+        got <- .ai_known_strings(x, known)
+        if (is.null(got)) .ai_string_column(x) else list(kind = "utf8", x = x, known = got)
+      }
     } else if (is.list(x)) {
       isnull <- vapply(x, is.null, NA)
       ok <- isnull | vapply(x, is.raw, NA)
