@@ -4,6 +4,7 @@
     .venv/bin/python bench/run.py --rows 1000000 --partitions 2 --repeat 3
     .venv/bin/python bench/run.py --only mapInPandas "spark_apply R warm"
     .venv/bin/python bench/run.py --grouped-only --rows 1000000 --repeat 5   # vs applyInPandas
+    .venv/bin/python bench/run.py --per-task --repeat 15     # 64 partitions of 100 rows
 
 For each rows x partitions cell, every method runs an identity closure and a
 small transform (``x * 2``) over a cached DataFrame of N rows x (2 long,
@@ -18,6 +19,15 @@ group with ``group_by`` against ``groupBy().applyInPandas``, over
 ``mapInPandas`` (grouped: to ``applyInPandas``),
 the per-partition overhead (P=64 against P=2) and the peak RSS of the children,
 and writes JSON and a PNG chart to bench/results/.
+
+``--per-task`` measures what a partition costs when it holds almost nothing:
+``--partitions`` (default 64) partitions of 100 rows each, identity only, and
+for every method the wall time each task adds over ``mapInArrow``,
+(t - t_mapInArrow) x slots / P, where slots is Spark's default parallelism
+(the tasks run that many at a time).  Warm children are the point here, so it
+runs mapInArrow, mapInPandas and the warm methods unless ``--only`` says otherwise,
+with spark_apply's defaults (no memory_limit, so no RSS polling), and the warm
+ones again with a memory_limit, which polls the child's RSS.
 """
 
 from __future__ import annotations
@@ -73,11 +83,12 @@ def have_rpy2() -> bool:
         return False
 
 
-def methods(with_r: bool, with_rpy2: bool) -> dict:
-    """name -> build(df, transform) returning a DataFrame."""
+def methods(with_r: bool, with_rpy2: bool, peaks: bool = True) -> dict:
+    """name -> build(df, transform) returning a DataFrame.  ``peaks``: with a
+    memory_limit far above use, which turns on the RSS polling that reports
+    the children's peaks (and costs a little per task)."""
     from workerbridge import R, spark_apply
-    # memory_limit far above use: it turns on the RSS polling that reports peaks
-    watch = {"memory_limit": "1TB"}
+    watch = {"memory_limit": "1TB"} if peaks else {}
 
     def py(reuse, arrow=False):
         def build(df, transform):
@@ -215,11 +226,17 @@ def main() -> None:
                     help="partitions of the grouped case (spark.sql.shuffle.partitions)")
     ap.add_argument("--grouped-only", action="store_true", help="only the grouped case")
     ap.add_argument("--no-grouped", action="store_true", help="skip the grouped case")
+    ap.add_argument("--per-task", action="store_true",
+                    help="tiny partitions (100 rows each): each task's cost over mapInArrow")
     ap.add_argument("--max-records-per-batch", type=int, default=100_000,
                     help="Spark's Arrow batch size (Spark's own default is 10,000)")
     args = ap.parse_args()
     with_r = not args.no_r and shutil.which("Rscript") is not None
     spark = session(args.max_records_per_batch)
+    if args.per_task:
+        per_task(spark, per_task_methods(with_r), args)
+        spark.stop()
+        return
     table = methods(with_r, have_rpy2())
     results = []
     if not args.no_grouped:
@@ -249,6 +266,56 @@ def main() -> None:
             df.unpersist()
     report(results)
     spark.stop()
+
+
+PER_TASK_ROWS = 100        # rows in each partition of --per-task
+PER_TASK_METHODS = ("mapInArrow", "mapInPandas", "spark_apply Python warm",
+                    "spark_apply Python warm input=arrow", "spark_apply R warm",
+                    "spark_apply Python warm memory_limit", "spark_apply R warm memory_limit")
+
+
+def per_task_methods(with_r: bool) -> dict:
+    """The methods with spark_apply's defaults, and the warm ones again with a
+    memory_limit (its RSS polling is what a limit costs a task)."""
+    out = methods(with_r, False, peaks=False)
+    limited = methods(with_r, False, peaks=True)
+    out.update({f"{n} memory_limit": b for n, b in limited.items()
+                if n in ("spark_apply Python warm", "spark_apply R warm")})
+    return out
+
+
+def per_task(spark, table: dict, args) -> None:
+    """Tiny partitions: each method's added wall time per task over mapInArrow."""
+    parts = args.partitions if args.partitions != [2, 8, 64] else [64]
+    names = [n for n in (args.only or PER_TASK_METHODS) if n in table]
+    if "mapInArrow" not in names:
+        names.insert(0, "mapInArrow")
+    slots = spark.sparkContext.defaultParallelism
+    rows_out = []
+    for p in parts:
+        df = data(spark, PER_TASK_ROWS * p, p)
+        times, _ = run_interleaved(spark, {n: table[n](df, False) for n in names}, args.repeat)
+        df.unpersist()
+        base = statistics.median(times["mapInArrow"])
+        print(f"\n{p} partitions x {PER_TASK_ROWS} rows, {slots} task slots, "
+              f"medians of {args.repeat}:")
+        print("| method | median s | ms per task | ms per task over mapInArrow | runs s |")
+        print("|---|---|---|---|---|")
+        for n in names:
+            t = statistics.median(times[n])
+            rec = {"method": n, "partitions": p, "rows": PER_TASK_ROWS * p, "median_s": t,
+                   "runs_s": times[n], "ms_per_task": t * slots / p * 1000,
+                   "ms_per_task_over_mapInArrow": (t - base) * slots / p * 1000}
+            rows_out.append(rec)
+            print(f"| {n} | {t:.3f} | {rec['ms_per_task']:.1f} | "
+                  f"{rec['ms_per_task_over_mapInArrow']:+.1f} | "
+                  f"{', '.join(f'{x:.2f}' for x in times[n])} |", flush=True)
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    path = os.path.join(HERE, "results", f"per-task-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    with open(path, "w") as f:
+        json.dump({"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
+                   "cpus": os.cpu_count(), "slots": slots, "results": rows_out}, f, indent=1)
+    print(f"\nwritten {path}")
 
 
 def report(results: list) -> None:
