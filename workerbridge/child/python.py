@@ -23,6 +23,8 @@ import traceback
 from typing import Any, Optional
 
 from workerbridge.child import userlog
+from workerbridge.child.frames import ResultTypeError, to_pandas, to_table
+from workerbridge.child.groups import group_frames, join_results, split_groups, with_keys
 from workerbridge.wire import phases
 from workerbridge.wire import protocol as P
 from workerbridge.wire.lifecycle import language_of, line
@@ -30,10 +32,6 @@ from workerbridge.wire.lifecycle import language_of, line
 ROLE = language_of("python").role
 CLOSURE_ROLE = language_of("python").closure_role
 MAX_BATCH_ROWS = 64 * 1024
-
-
-class ResultTypeError(TypeError):
-    """The closure returned something that cannot become a table."""
 
 
 def main() -> int:
@@ -327,37 +325,80 @@ def apply(func, table, context, task: dict, profile: Optional[Profile] = None):
     """The closure over the partition, or over each whole group of it.
 
     Returns the result table and the number of groups (None without group_by).
-    With ``group_by`` the group columns are put in front of a result that
-    dropped them, and empty group results are dropped.
     """
-    import pyarrow as pa
-
     options = task.get("options", {})
     as_arrow = options.get("input") == "arrow"
     keys = options.get("group_by") or []
-    units = split_groups(table, keys) if keys else [table]
-    parts = []
-    for part in units:
+    call = bind_closure(func, context, task)
+    if keys:
+        return _apply_groups(call, table, keys, as_arrow, task, profile)
+    try:
+        with timed(profile, "decode"):
+            data = table if as_arrow else to_pandas(table)
+        with timed(profile, "closure"):
+            result = call(data)
+    except BaseException as e:                    # noqa: BLE001
+        raise _Failed("closure", e) from None
+    return tag(_encode(result, table.schema, profile), task, 0), None
+
+
+def _encode(result, like, profile: Optional[Profile]):
+    try:
+        with timed(profile, "encode"):
+            return to_table(result, like=like)
+    except BaseException as e:                    # noqa: BLE001
+        raise _Failed("result", e) from None
+
+
+JOIN_ROWS = 64 * 1024     # groups' DataFrame results converted together, about this many rows
+
+
+def _apply_groups(call, table, keys: list, as_arrow: bool, task: dict,
+                  profile: Optional[Profile]):
+    """The closure over each whole group.  The group columns are put in front
+    of a result that dropped them, and empty group results are dropped.
+    Results are converted to Arrow a run of groups at a time (``JOIN_ROWS``),
+    so that pandas holds at most that many result rows."""
+    import pandas as pd
+    import pyarrow as pa
+    groups = split_groups(table, keys)
+    like = table.schema
+    bulk = not task.get("options", {}).get("tag_units")
+    parts: list = []
+    pending: list = []                    # (group index, result) not yet converted
+
+    def convert() -> None:
+        joined = join_results([r for _, r in pending], [groups.starts[i] for i, _ in pending],
+                              groups.ordered, keys, like) if bulk else None
+        if joined is not None:
+            parts.append(joined)
+        for i, result in ([] if joined is not None else pending):
+            out = _encode(result, like, profile)
+            if out.num_rows:
+                part = groups.ordered.slice(groups.starts[i], groups.counts[i])
+                parts.append(tag(with_keys(out, part, keys), task, len(parts)))
+        pending.clear()
+
+    inputs = iter(groups.parts() if as_arrow else group_frames(groups))
+    rows = 0
+    for i in range(len(groups)):
         try:
             with timed(profile, "decode"):
-                data = part if as_arrow else to_pandas(part)
+                data = next(inputs)
             with timed(profile, "closure"):
-                result = call_closure(func, data, context, task)
-        except BaseException as e:                    # noqa: BLE001
+                result = call(data)
+        except BaseException as e:                # noqa: BLE001
             raise _Failed("closure", e) from None
-        try:
+        pending.append((i, result))
+        rows += len(result) if isinstance(result, pd.DataFrame) else JOIN_ROWS
+        if rows >= JOIN_ROWS or i == len(groups) - 1:
             with timed(profile, "encode"):
-                out = to_table(result, like=part.schema)
-        except BaseException as e:                    # noqa: BLE001
-            raise _Failed("result", e) from None
-        if not keys:
-            return tag(out, task, 0), None
-        if out.num_rows:
-            parts.append(tag(with_keys(out, part, keys), task, len(parts)))
+                convert()
+            rows = 0
     if not parts:
-        return pa.table({}), len(units)
+        return pa.table({}), len(groups)
     try:
-        return pa.concat_tables(parts, promote_options="permissive"), len(units)
+        return pa.concat_tables(parts, promote_options="permissive"), len(groups)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise _Failed("result", TypeError(f"the groups' results do not share one schema: {e}")) \
             from None
@@ -373,134 +414,11 @@ def tag(out, task: dict, unit: int):
     return out.append_column("__wb_unit", pa.array([unit] * n, pa.int64()))
 
 
-def split_groups(table, keys: list) -> list:
-    """The partition's rows split into whole groups, in order of first appearance.
-
-    Keys are exact: each key column becomes integer codes of its values (null
-    a value of its own, every NaN one value, -0.0 equal to 0.0, as in Spark's
-    groupBy), never floats or text, so 2^53 and 2^53 + 1 stay apart."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    if table.num_rows == 0:
-        return []
-    code = None
-    for k in keys:
-        codes, size = key_codes(table.column(k))
-        if code is None:
-            code = codes
-            continue
-        code = code * size + codes                        # < rows * rows: fits int64
-        code = _dense_codes(pa.array(code))[0]
-    # One stable sort by code (Arrow's, ~50x numpy's stable argsort on int64),
-    # one take, then zero-copy slices: a take per group cost ~8x as much.
-    ordered = table.take(pc.sort_indices(pa.array(code)))
-    counts = np.bincount(code)
-    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    return [ordered.slice(start, count) for start, count in zip(starts.tolist(), counts.tolist())]
-
-
-def key_codes(col) -> tuple:
-    """A key column's values as dense int64 codes 0..m-1 in order of first
-    appearance, and m."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    if pa.types.is_floating(col.type):
-        col = pc.add(pc.if_else(pc.is_nan(col), pa.scalar(float("nan"), col.type), col),
-                     pa.scalar(0.0, col.type))              # one NaN; -0.0 + 0.0 is 0.0
-    try:
-        return _dense_codes(col)
-    except (pa.ArrowNotImplementedError, pa.ArrowTypeError):   # nested types: by value
-        seen: dict = {}
-        values = [seen.setdefault(_hashable(v), len(seen)) for v in col.to_pylist()]
-        return pa.array(values, pa.int64()).to_numpy(), len(seen)
-
-
-def _dense_codes(col) -> tuple:
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    enc = pc.dictionary_encode(col, null_encoding="encode")
-    chunks = enc.chunks if isinstance(enc, pa.ChunkedArray) else [enc]
-    if not chunks:
-        return np.zeros(0, np.int64), 0
-    codes = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in chunks])
-    return codes.astype(np.int64, copy=False), len(chunks[0].dictionary)
-
-
-def _hashable(v):
-    if isinstance(v, dict):
-        return ("d",) + tuple((k, _hashable(x)) for k, x in v.items())
-    if isinstance(v, (list, tuple)):
-        return ("l",) + tuple(_hashable(x) for x in v)
-    if isinstance(v, float) and v != v:
-        return ("nan",)
-    return ("v", v + 0.0 if isinstance(v, float) else v)
-
-
-def with_keys(out, part, keys: list):
-    """``out`` with the group columns it lacks put in front, from the group's key."""
-    import pyarrow as pa
-    missing = [k for k in keys if k not in out.column_names]
-    if not missing:
-        return out
-    cols = [pa.repeat(part.column(k)[0], out.num_rows) for k in missing]
-    return pa.Table.from_arrays(cols + list(out.columns), names=missing + out.column_names)
-
-
-def to_pandas(table):
-    """The table as pandas, losing nothing: integer and bool columns with nulls
-    become pandas' nullable dtypes (``Int64``, ``boolean``), not float or object,
-    so a 64-bit integer keeps every digit."""
-    import pandas as pd
-    import pyarrow as pa
-    nullable = {pa.int8(): pd.Int8Dtype(), pa.int16(): pd.Int16Dtype(),
-                pa.int32(): pd.Int32Dtype(), pa.int64(): pd.Int64Dtype(),
-                pa.uint8(): pd.UInt8Dtype(), pa.uint16(): pd.UInt16Dtype(),
-                pa.uint32(): pd.UInt32Dtype(), pa.uint64(): pd.UInt64Dtype(),
-                pa.bool_(): pd.BooleanDtype()}
-    # use_threads=False: one task per core is Spark's plan already; Arrow's
-    # pool only adds CPU (rows x (2 long, 2 double, 1 string): 1,562 rows
-    # 0.25 -> 0.11 ms, 2.5M rows 253 -> 170 ms of CPU)
-    frame = table.to_pandas(deduplicate_objects=_repeats_strings(table), use_threads=False)
-    for i, col in enumerate(table.columns):
-        if col.null_count and col.type in nullable:
-            frame.isetitem(i, col.to_pandas(types_mapper=nullable.get))
-        elif _int_list_with_nulls(col, nullable):    # numpy would make the values float
-            frame.isetitem(i, pd.Series(col.to_pylist(), dtype=object))
-    return frame
-
-
-def _repeats_strings(table) -> bool:
-    """Whether pandas should share one str object per distinct value: for a
-    small table, or when a string or binary column repeats enough
-    (``wire.repeats``).  pyarrow's de-duplication hashes every value; on 2.5M
-    distinct strings it cost 1.0 s against 0.18 s without, while on 1,000
-    repeated keys it is faster (0.08 s against 0.26 s) and smaller (335 MB
-    against 488 MB peak).  Either way the values are the same."""
-    import pyarrow as pa
-
-    from workerbridge.wire.repeats import SAMPLE_ROWS, repeats_enough
-    if table.num_rows <= SAMPLE_ROWS:              # small (a group, say): hashing is cheap
-        return True
-    return any(repeats_enough(col) for col in table.columns
-               if pa.types.is_string(col.type) or pa.types.is_large_string(col.type)
-               or pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type))
-
-
-def _int_list_with_nulls(col, nullable: dict) -> bool:
-    """A list column of integers or bools with a null value inside a list."""
-    import pyarrow as pa
-    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
-        return False
-    return col.type.value_type in nullable and \
-        any(chunk.flatten().null_count for chunk in col.chunks)
-
-
-def call_closure(func, data, context, task: dict):
-    """``func(data)``, or ``func(data, context)`` when it takes two positional
-    parameters; the partition index under ``partition_index_param`` and the
-    barrier task infos as ``barrier=`` when it has such parameters."""
+def bind_closure(func, context, task: dict):
+    """``data -> result``: ``func(data)``, or ``func(data, context)`` when it
+    takes two positional parameters; the partition index under
+    ``partition_index_param`` and the barrier task infos as ``barrier=`` when
+    it has such parameters.  The signature is read once, not per group."""
     kwargs = {}
     param = task.get("options", {}).get("partition_index_param")
     if param:
@@ -508,8 +426,8 @@ def call_closure(func, data, context, task: dict):
     if task.get("barrier") is not None and _has_param(func, "barrier"):
         kwargs["barrier"] = task["barrier"]
     if _takes_two(func, exclude=set(kwargs)):
-        return func(data, context, **kwargs)
-    return func(data, **kwargs)
+        return lambda data: func(data, context, **kwargs)
+    return lambda data: func(data, **kwargs)
 
 
 def _has_param(func, name: str) -> bool:
@@ -528,92 +446,6 @@ def _takes_two(func, exclude=frozenset()) -> bool:
     positional = [p for p in sig.parameters.values()
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in exclude]
     return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in sig.parameters.values())
-
-
-def to_table(result, like=None):
-    """What a closure may return, as one ``pyarrow.Table``.
-
-    A DataFrame, Table, RecordBatch or dict of columns is a table; a list,
-    tuple or generator of those is concatenated; a Series, array, list or
-    scalar becomes one column named ``result``; ``None`` is no rows.
-    """
-    import pandas as pd
-    import pyarrow as pa
-
-    if result is None:
-        return pa.table({})
-    if isinstance(result, pa.Table):
-        return result
-    if isinstance(result, pa.RecordBatch):
-        return pa.Table.from_batches([result])
-    if isinstance(result, pd.DataFrame):
-        _check_columns(list(result.columns))
-        if result.shape[1] == 0:                   # keep the row count of a column-less frame
-            return pa.table({"_": pa.nulls(len(result))}).drop(["_"])
-        return from_pandas(result, like)
-    if isinstance(result, dict):
-        scalars = all(pd.api.types.is_scalar(v) for v in result.values())
-        return to_table(pd.DataFrame([result]) if scalars and result else pd.DataFrame(result))
-    if isinstance(result, pd.Series):
-        return pa.Table.from_pandas(pd.DataFrame({"result": result}), preserve_index=False)
-    if isinstance(result, (list, tuple)) or inspect.isgenerator(result):
-        parts = list(result)
-        if parts and all(isinstance(p, (pd.DataFrame, pa.Table, pa.RecordBatch, dict)) for p in parts):
-            tables = [to_table(p) for p in parts]
-            return pa.concat_tables(tables, promote_options="default")
-        return pa.table({"result": pa.array(parts)})
-    if hasattr(result, "__array__") and getattr(result, "ndim", 1) >= 1:
-        return pa.table({"result": pa.array(pd.Series(list(result) if getattr(result, "ndim", 1) > 1
-                                                       else result))})
-    if isinstance(result, (str, bytes, int, float, bool)) or hasattr(result, "dtype") \
-            or result.__class__.__module__ in ("datetime", "decimal"):
-        return pa.table({"result": pa.array([result])})
-    raise ResultTypeError(
-        f"the closure returned a {type(result).__module__}.{type(result).__qualname__}; "
-        "return a pandas DataFrame, a pyarrow Table or RecordBatch, a dict of columns, "
-        "a list of those, or a Series/array/list/scalar (one column named 'result')")
-
-
-def from_pandas(frame, like=None):
-    """A DataFrame as a Table.  An object column named like a column of the
-    input schema ``like`` is converted to that column's type first (a map, a
-    decimal's precision, an all-null column keep their types); inferred when
-    that does not fit, as every other column is."""
-    import pyarrow as pa
-    hinted = {}
-    if like is not None:
-        for name in frame.columns:
-            if frame[name].dtype == object and like.get_field_index(name) >= 0:
-                try:
-                    hinted[name] = pa.array(frame[name], type=like.field(name).type,
-                                            from_pandas=True)
-                except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError,
-                        OverflowError, TypeError, ValueError):
-                    pass
-    # nthreads=1: pyarrow's default starts a thread pool per call for frames
-    # over 100 rows a column; rows x (2 long, 2 double, 1 string), per call:
-    # 1,562 rows 1.17 -> 0.22 ms, 2.5M rows 134 -> 111 ms (the string column
-    # holds the GIL, so the threads buy nothing)
-    if not hinted:
-        return pa.Table.from_pandas(frame, preserve_index=False, nthreads=1)
-    rest = [c for c in frame.columns if c not in hinted]
-    # columns= picks them without frame[rest], which copies every column it
-    # keeps (2.5M rows: 0.10 s against 0.01 s)
-    inferred = pa.Table.from_pandas(frame, columns=rest, preserve_index=False, nthreads=1) \
-        if rest else None
-    arrays = [hinted[c] if c in hinted else inferred.column(c) for c in frame.columns]
-    return pa.Table.from_arrays(arrays, names=list(frame.columns))
-
-
-def _check_columns(names: list) -> None:
-    seen = set()
-    for name in names:
-        if not isinstance(name, str):
-            raise ResultTypeError(f"result column name {name!r} is not a string; "
-                                  "name the columns of the returned DataFrame")
-        if name in seen:
-            raise ResultTypeError(f"result has the column name {name!r} twice")
-        seen.add(name)
 
 
 def _watch_parent_stdin() -> None:
@@ -647,3 +479,7 @@ if __name__ == "__main__":
     except OSError as e:
         sys.stderr.write(f"PyScript: connection to the Worker failed: {e}\n")
         _exit(3)
+    except BaseException:               # a fault of PyScript's own: its traceback, an exit code
+        sys.stderr.write("PyScript: internal error\n")   # (not SIGABRT at teardown)
+        traceback.print_exc()
+        _exit(4)
