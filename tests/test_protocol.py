@@ -6,6 +6,7 @@ import io
 import os
 import socket
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -19,7 +20,7 @@ from workerbridge.driver.closure import pack
 from workerbridge.driver.gateway import Gateway
 from wbtest import ROOT, RUNTIME
 from workerbridge.task.spec import TaskSpec, WorkerOptions
-from workerbridge.task.worker import Worker
+from workerbridge.task.worker import PY_CHILD_MAIN, Worker
 
 
 def frames(*parts: tuple) -> io.BytesIO:
@@ -216,3 +217,38 @@ def test_oversized_frame_before_auth_is_refused_unread(slow_python):
         assert "error" not in result, result.get("error")
     finally:
         gw.stop()
+
+
+def test_a_fault_of_pyscript_itself_is_an_exit_code_and_its_traceback():
+    """A fault in PyScript's own code (here a TASK that is not an object, as a
+    Worker bug could send) ends the child with exit code 4 and the traceback
+    on stderr: not SIGABRT at interpreter teardown, where its stdin watcher
+    thread would still be reading.  The Worker's side is played by hand."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    env = dict(os.environ, PYTHONPATH=ROOT, **{P.ENV_PORT: str(listener.getsockname()[1])})
+    secret = "ab" * P.SECRET_BYTES
+    proc = subprocess.Popen([sys.executable, "-c", PY_CHILD_MAIN], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        proc.stdin.write(secret.encode("ascii") + b"\n")
+        proc.stdin.flush()
+        listener.settimeout(30)
+        conn, _ = listener.accept()
+        conn.settimeout(30)
+        stream = conn.makefile("rb")
+        assert P.expect(stream, P.AUTH) == secret.encode("ascii")
+        P.expect(stream, P.HELLO)
+        P.send_json(conn, P.WELCOME, {"protocol": P.PROTOCOL_VERSION})
+        P.send_json(conn, P.TASK, ["not", "an", "object"])
+        code = proc.wait(30)
+        err = proc.stderr.read().decode("utf-8", "replace")
+        assert code == 4, (code, err)
+        assert "PyScript: internal error" in err and "AttributeError" in err
+        assert "Fatal Python error" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        proc.stdin.close()
+        proc.stderr.close()
+        listener.close()
