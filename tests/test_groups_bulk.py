@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import tracemalloc
 import warnings
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
@@ -149,6 +151,28 @@ def test_a_plain_partition_takes_the_bulk_paths():
                        table.schema)
     assert got is not None and got.num_rows == 6
     assert got.column("k").to_pylist() == [2, 2, 1, 1, 3, 3]
+
+
+def test_large_groups_are_converted_one_by_one():
+    """Four groups of 250,000 rows: while a group is out, about its own frame
+    (4 MB) is held, not the whole partition's frame (16 MB) beside it.  Held
+    = what tracemalloc sees (numpy) plus Arrow's pool (a frame converted
+    from Arrow may keep Arrow's buffers)."""
+    rows = 1_000_000
+    table = pa.table({"k": np.arange(rows) % 4, "x": np.random.default_rng(1).random(rows)})
+    groups = split_groups(table, ["k"])
+    arrow_before = pa.total_allocated_bytes()
+    tracemalloc.start()
+    try:
+        held = []
+        for frame in group_frames(groups):
+            held.append(tracemalloc.get_traced_memory()[0]
+                        + pa.total_allocated_bytes() - arrow_before)
+            del frame
+    finally:
+        tracemalloc.stop()
+    assert len(held) == 4
+    assert max(held) < 10 * 2**20, [f"{h / 2**20:.1f} MB" for h in held]
 
 
 @pytest.mark.parametrize("value", [decimal.Decimal("1.5"), "x", None])

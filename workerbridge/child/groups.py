@@ -5,11 +5,12 @@ each group's pandas frame (:func:`group_frames`), the group columns put in
 front of a result that dropped them (:func:`with_keys`), and the groups'
 results as one table (:func:`join_results`).  Both bulk paths give what the
 per-group conversions give, or step aside: one conversion of the sorted
-partition, sliced, only when no column needs :func:`frames.to_pandas`'s
-per-column fix-ups; one conversion of the concatenated results only when they
-are DataFrames of the same columns and dtypes.  Per group, each conversion
-cost more than a small closure (5,000 groups of 100 rows: 140 µs to pandas and
-150 µs back, against 75 µs sliced and 14 µs joined).  Does not cover: calling
+partition, sliced, only for small groups and when no column needs
+:func:`frames.to_pandas`'s per-column fix-ups; one conversion of the
+concatenated results only when they are DataFrames of the same columns and
+dtypes.  Per group, each conversion cost more than a small closure (5,000
+groups of 100 rows: 140 µs to pandas and 150 µs back, against 75 µs sliced,
+the whole's conversion included, and 14 µs joined).  Does not cover: calling
 the closure (``child.python``).
 """
 
@@ -112,13 +113,20 @@ def with_keys(out, part, keys: list):
     return pa.Table.from_arrays(cols + list(out.columns), names=missing + out.column_names)
 
 
+SLICE_MEAN_ROWS = 2048   # groups this large on average are converted one by one
+
+
 def group_frames(groups: Groups) -> Iterator:
     """Each group's pandas frame, in order, equal to ``to_pandas(part)`` of its
     slice (values, dtypes, a fresh RangeIndex, a frame of its own): sliced from
-    one conversion of the whole when :func:`plain_conversion` allows, else
-    converted one by one."""
+    one conversion of the whole when the groups are small (``SLICE_MEAN_ROWS``)
+    and :func:`plain_conversion` allows, else converted one by one.  Large
+    groups gain nothing from slicing (a conversion's fixed cost is small
+    beside their rows) and would hold the whole partition in pandas beside
+    each group's copy."""
     import pandas as pd
-    if not plain_conversion(groups.ordered):
+    small = groups.ordered.num_rows <= SLICE_MEAN_ROWS * len(groups)
+    if len(groups) < 2 or not small or not plain_conversion(groups.ordered):
         for part in groups.parts():
             yield to_pandas(part)
         return
