@@ -767,26 +767,44 @@ local({
 .wb$wb_piece_writer <- function(out)
   function(p) if (inherits(p, "ai_vec")) out$write_vector(p$x, p$size) else out$write(p)
 
-# The closure's results as one prepared frame: with groups, each given the key
-# columns it lacks, empty ones dropped, tagged and row-bound; or the error.
+# The closure's results as one prepared frame (with groups, wb_bind_groups),
+# or the error.
 .wb$wb_prepare_result <- function(result, df, units, tk, known = NULL) {
-  task <- tk$task
-  opts <- tk$opts
-  group_by <- tk$group_by
   tryCatch({
     frames <- lapply(result, wb_as_frame)
-    if (length(group_by)) {
-      frames <- lapply(seq_along(frames), function(u) wb_with_keys(frames[[u]], df, units[[u]], group_by))
-      keep <- vapply(frames, function(x) .row_names_info(x, 2L) > 0L, NA)
-      frames <- frames[keep]
-      frames <- lapply(seq_along(frames), function(u) wb_tag(frames[[u]], task, opts, u - 1L))
-      res <- if (length(frames)) wb_rbind(frames)
-             else structure(list(), names = character(0), class = "data.frame", row.names = integer(0))
-    } else {
-      res <- wb_tag(frames[[1L]], task, opts, 0L)
-    }
-    wb_nojit(arrow_prepare_frame(wb_mark_int64(res, opts), known, tk$int64_out))
+    res <- if (length(tk$group_by)) wb_bind_groups(frames, df, units, tk$group_by, tk$task, tk$opts)
+           else wb_tag(frames[[1L]], tk$task, tk$opts, 0L)
+    wb_nojit(arrow_prepare_frame(wb_mark_int64(res, tk$opts), known, tk$int64_out))
   }, error = function(e) e)
+}
+
+# The groups' results as one frame: each given the key columns it lacks (from
+# its group's first row), empty ones dropped, tagged, row-bound.  When the
+# frames share their columns and no tags are wanted (the usual case), the key
+# columns are made once, after the bind, not group by group (5,000 groups:
+# about a tenth of the task); the values are the same either way.
+.wb$wb_bind_groups <- function(frames, df, units, keys, task, opts) {
+  empty <- structure(list(), names = character(0), class = "data.frame", row.names = integer(0))
+  nm <- if (length(frames)) names(frames[[1L]])
+  alike <- length(frames) && !isTRUE(opts$tag_units) &&
+    all(vapply(frames, function(x) identical(names(x), nm), NA))
+  if (alike) {
+    m <- vapply(frames, function(x) .row_names_info(x, 2L), 1L)
+    keep <- m > 0L
+    if (!any(keep)) return(empty)
+    res <- wb_rbind(frames[keep])
+    missing <- setdiff(keys, nm)
+    if (!length(missing)) return(res)
+    at <- rep.int(vapply(units[keep], function(rows) rows[1L], 1), m[keep])
+    # factors as character, as wb_bind_column makes them when binding per group
+    front <- lapply(missing, function(k) { x <- df[[k]][at]; if (is.factor(x)) as.character(x) else x })
+    return(structure(c(front, unclass(res)), names = c(missing, nm), class = "data.frame",
+                     row.names = .set_row_names(length(at))))
+  }
+  frames <- lapply(seq_along(frames), function(u) wb_with_keys(frames[[u]], df, units[[u]], keys))
+  frames <- frames[vapply(frames, function(x) .row_names_info(x, 2L) > 0L, NA)]
+  frames <- lapply(seq_along(frames), function(u) wb_tag(frames[[u]], task, opts, u - 1L))
+  if (length(frames)) wb_rbind(frames) else empty
 }
 
 # ---- batch mode: the closure per Arrow record batch, each result streamed
@@ -892,17 +910,12 @@ local({
   }
 }
 
-# Give the child's functions the child environment as their home.
+# Give the child's functions the child environment as their home: each one
+# defined above (as .wb$name at top level, so in globalenv until now).
 local({
-  for (nm in c("wb_child_main", "wb_log_channel", "wb_error_payload", "wb_deparse_call", "wb_as_frame", "wb_run_task",
-               "wb_nojit", "wb_with_closure_jit", "wb_profiler", "wb_traceback", "wb_split_groups", "wb_key_codes", "wb_with_keys", "wb_rbind", "wb_bind_column", "wb_tag",
-               "wb_watch_parent", "wb_baseline", "wb_enter_job", "wb_unserialize_closure",
-               "wb_task_setup", "wb_task_failed", "wb_task_done", "wb_load_closure", "wb_load_packages",
-               "wb_cached_closure", "wb_closure_env", "wb_eval_closure", "wb_closure_call",
-               "wb_closure_guard", "wb_read_input", "wb_codec_failure", "wb_result_failure",
-               "wb_mark_int64", "wb_run_partition", "wb_run_units", "wb_prepare_result",
-               "wb_run_batches", "wb_output_writer", "wb_batch_step", "wb_piece_writer"))
-    environment(.wb[[nm]]) <- .wb
+  for (nm in ls(.wb, all.names = TRUE))
+    if (is.function(.wb[[nm]]) && identical(environment(.wb[[nm]]), globalenv()))
+      environment(.wb[[nm]]) <- .wb
 })
 
 if (!interactive()) .wb$wb_child_main()

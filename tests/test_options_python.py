@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -123,6 +125,16 @@ def test_group_results_that_disagree_in_type_fail_clearly(spark):
     assert "do not share one schema" in text and "partition 0" in text and "PyScript" in text
 
 
+def test_r_group_results_with_different_columns_fail_clearly(spark):
+    df = spark.createDataFrame(pd.DataFrame({"k": [1, 2, 2], "v": [1, 2, 3]})).coalesce(1)
+    f = R("function(d) if (nrow(d) == 1) data.frame(a = 1) else data.frame(b = 2)")
+    with pytest.raises(Exception) as info:
+        spark_apply(df, f, group_by="k", schema="a double").collect()
+    text = str(info.value)
+    assert re.search(r"do not share one set of columns: \(k, ([ab])\) vs \(k, (?!\1)[ab]\)", text)
+    assert "RScript" in text and "partition 0" in text
+
+
 def test_partition_index_param(spark):
     df = spark.range(40).repartition(4)
     out = spark_apply(df, lambda d, index: d.assign(part=index), partition_index_param="index",
@@ -145,12 +157,14 @@ def test_fetch_result_as_list(spark):
     assert all(isinstance(f, pd.DataFrame) and list(f.columns) == ["id", "twice"] for f in frames)
     assert sorted(int(v) for f in frames for v in f.id) == list(range(30))
     sizes = spark_apply(df, lambda d: len(d), fetch_result_as_sdf=False)
-    assert sorted(sizes) == sorted(sizes) and sum(sizes) == 30 and len(sizes) == 3
+    assert sorted(sizes) == [10, 10, 10]            # repartition(3) deals the rows round-robin
 
 
-def test_fetch_result_per_group(spark, groups_df):
-    per_group = spark_apply(groups_df, lambda d: pd.DataFrame({"n": [len(d)]}), group_by="g",
-                            fetch_result_as_sdf=False)
+@pytest.mark.parametrize("lang", ["python", "r"])
+def test_fetch_result_per_group(spark, groups_df, lang):
+    f = (lambda d: pd.DataFrame({"n": [len(d)]})) if lang == "python" \
+        else R("function(d) data.frame(n = nrow(d))")
+    per_group = spark_apply(groups_df, f, group_by="g", fetch_result_as_sdf=False)
     assert sorted((f.g[0], int(f.n[0])) for f in per_group) == [("a", 10000), ("b", 10000),
                                                                  ("c", 10000)]
 
