@@ -368,8 +368,12 @@ def _apply_groups(call, table, keys: list, as_arrow: bool, task: dict,
     pending: list = []                    # (group index, result) not yet converted
 
     def convert() -> None:
-        joined = join_results([r for _, r in pending], [groups.starts[i] for i, _ in pending],
-                              groups.ordered, keys, like) if bulk else None
+        joined = None
+        if bulk:
+            with timed(profile, "encode"):
+                joined = join_results([r for _, r in pending],
+                                      [groups.starts[i] for i, _ in pending],
+                                      groups.ordered, keys, like)
         if joined is not None:
             parts.append(joined)
         for i, result in ([] if joined is not None else pending):
@@ -392,8 +396,7 @@ def _apply_groups(call, table, keys: list, as_arrow: bool, task: dict,
         pending.append((i, result))
         rows += len(result) if isinstance(result, pd.DataFrame) else JOIN_ROWS
         if rows >= JOIN_ROWS or i == len(groups) - 1:
-            with timed(profile, "encode"):
-                convert()
+            convert()
             rows = 0
     if not parts:
         return pa.table({}), len(groups)
