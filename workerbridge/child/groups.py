@@ -139,11 +139,12 @@ def group_frames(groups: Groups) -> Iterator:
 
 def join_results(results: list, starts: list, ordered, keys: list, like) -> Optional[object]:
     """Groups' results as one table, with the group columns a result lacks put
-    in front (from row ``starts[i]`` of ``ordered`` for ``results[i]``): what converting each and
-    concatenating gives, in one conversion.  None when that could differ, so
-    the caller converts each: a result that is not a DataFrame, frames that
-    differ in columns or dtypes, no rows at all, or a conversion that fails
-    (converted one by one, the failing group is named)."""
+    in front (for ``results[i]``, from row ``starts[i]`` of ``ordered``): what
+    converting each and concatenating gives, in one conversion.  None when
+    that could differ, so the caller converts each: a result that is not a
+    DataFrame, frames that differ in columns or dtypes (pandas' concat would
+    make a bool 1 or a long a float), no rows at all, or a conversion that
+    fails (converted one by one, the failing group is named)."""
     import numpy as np
     import pandas as pd
     import pyarrow as pa
