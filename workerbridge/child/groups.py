@@ -140,15 +140,43 @@ def group_frames(groups: Groups) -> Iterator:
 def join_results(results: list, starts: list, ordered, keys: list, like) -> Optional[object]:
     """Groups' results as one table, with the group columns a result lacks put
     in front (for ``results[i]``, from row ``starts[i]`` of ``ordered``): what
-    converting each and concatenating gives, in one conversion.  None when
-    that could differ, so the caller converts each: a result that is not a
-    DataFrame, frames that differ in columns or dtypes (pandas' concat would
-    make a bool 1 or a long a float), no rows at all, or a conversion that
-    fails (converted one by one, the failing group is named)."""
+    converting each and concatenating gives, in one conversion.  The results
+    are DataFrames (:func:`_frames_alike`) or dicts of scalars, one row each
+    (:func:`_records_alike`).  None when that could differ, so the caller
+    converts each: results of another kind or of different shapes, no rows at
+    all, or a conversion that fails (converted one by one, the failing group
+    is named)."""
     import numpy as np
     import pandas as pd
     import pyarrow as pa
-    first = results[0] if results else None
+    if not results:
+        return None
+    records = isinstance(results[0], dict)
+    frame = _records_alike(results) if records else _frames_alike(results)
+    if frame is None:
+        return None
+    rows = [1] * len(results) if records else [len(r) for r in results]
+    if not sum(rows):
+        return None
+    hint = None if records else like   # to_table converts a dict without the input's hints
+    try:
+        check_columns(list(frame.columns))
+        out = from_pandas(frame, hint)
+    except Exception:                    # noqa: BLE001 - one by one names the group
+        return None
+    missing = [k for k in keys if k not in out.column_names]
+    if not missing:
+        return out
+    first_rows = pa.array(np.repeat(np.asarray(starts, np.int64), rows))
+    cols = [ordered.column(k).take(first_rows) for k in missing]
+    return pa.Table.from_arrays(cols + list(out.columns), names=missing + out.column_names)
+
+
+def _frames_alike(results: list):
+    """DataFrames of the same columns and dtypes, concatenated; else None
+    (pandas' concat would make a bool 1, or a long beside a float a float)."""
+    import pandas as pd
+    first = results[0]
     if not isinstance(first, pd.DataFrame) or first.shape[1] == 0:
         return None
     names, dtypes = list(first.columns), list(first.dtypes)
@@ -156,17 +184,33 @@ def join_results(results: list, starts: list, ordered, keys: list, like) -> Opti
         if not isinstance(r, pd.DataFrame) or list(r.columns) != names \
                 or list(r.dtypes) != dtypes:
             return None
-    rows = [len(r) for r in results]
-    if not sum(rows):
-        return None
     try:
-        check_columns(names)
-        out = from_pandas(pd.concat(results, ignore_index=True), like)
-    except Exception:                    # noqa: BLE001 - one by one names the group
+        return pd.concat(results, ignore_index=True)
+    except Exception:                    # noqa: BLE001 - duplicate names, say: one by one
         return None
-    missing = [k for k in keys if k not in names]
-    if not missing:
-        return out
-    first_rows = pa.array(np.repeat(np.asarray(starts, np.int64), rows))
-    cols = [ordered.column(k).take(first_rows) for k in missing]
-    return pa.Table.from_arrays(cols + list(out.columns), names=missing + out.column_names)
+
+
+def _record_types() -> tuple:
+    """Scalar types whose one-row frames and many-row frames get one dtype."""
+    import numpy as np
+    return (bool, int, float, str, np.bool_, np.int32, np.int64, np.float32, np.float64)
+
+
+def _records_alike(results: list):
+    """Dicts of scalars with the same keys, each key's values of one exact
+    type (ints within int64; no None, which would turn a column of ints
+    float), as one DataFrame of a row each; else None."""
+    import pandas as pd
+    first = results[0]
+    names = list(first)
+    types = [type(first[k]) for k in names]
+    if not names or not all(t in _record_types() for t in types):
+        return None
+    for r in results:
+        if type(r) is not dict or list(r) != names:
+            return None
+        for k, t in zip(names, types):
+            v = r[k]
+            if type(v) is not t or (t is int and not -2**63 <= v < 2**63):
+                return None
+    return pd.DataFrame(results)

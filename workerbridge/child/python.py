@@ -353,13 +353,24 @@ def _encode(result, like, profile: Optional[Profile]):
 JOIN_ROWS = 64 * 1024     # groups' DataFrame results converted together, about this many rows
 
 
+def _result_rows(result) -> int:
+    """About how many rows a group's result holds, for ``JOIN_ROWS``: a dict
+    of scalars one, a kind the bulk path does not take ``JOIN_ROWS`` (so it
+    is converted at once)."""
+    import pandas as pd
+    if isinstance(result, pd.DataFrame):
+        return len(result)
+    if isinstance(result, dict):
+        return 1 if all(pd.api.types.is_scalar(v) for v in result.values()) else JOIN_ROWS
+    return JOIN_ROWS
+
+
 def _apply_groups(call, table, keys: list, as_arrow: bool, task: dict,
                   profile: Optional[Profile]):
     """The closure over each whole group.  The group columns are put in front
     of a result that dropped them, and empty group results are dropped.
     Results are converted to Arrow a run of groups at a time (``JOIN_ROWS``),
     so that pandas holds at most that many result rows."""
-    import pandas as pd
     import pyarrow as pa
     groups = split_groups(table, keys)
     like = table.schema
@@ -394,7 +405,7 @@ def _apply_groups(call, table, keys: list, as_arrow: bool, task: dict,
         except BaseException as e:                # noqa: BLE001
             raise _Failed("closure", e) from None
         pending.append((i, result))
-        rows += len(result) if isinstance(result, pd.DataFrame) else JOIN_ROWS
+        rows += _result_rows(result)
         if rows >= JOIN_ROWS or i == len(groups) - 1:
             convert()
             rows = 0
