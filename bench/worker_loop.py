@@ -13,7 +13,8 @@ Runs the same partition (rows x (2 long, 2 double, 1 string), in Arrow
 batches as Spark sends them) through Worker.run with reuse on, the
 identity closure (batches of --batch-rows input rows), and prints each task's wall time and the median of the warm
 ones (the first task starts the child).  ``--groups G`` runs ``sum(x)`` per
-group of ``k = a mod G`` instead (``group_by``): the child's grouped path.  ``--env K=V`` passes variables to the
+group of ``k = a mod G`` instead (``group_by``): the child's grouped path
+(``--dict``: the Python closure returns a dict, not a DataFrame).  ``--env K=V`` passes variables to the
 child (for example R_VSIZE=64M to compare R's default heap).
 """
 
@@ -62,6 +63,8 @@ def main() -> None:
                     help="profile=True: print the summed phases and top functions")
     ap.add_argument("--env", nargs="*", default=[], metavar="K=V")
     ap.add_argument("--groups", type=int, default=0, help="sum(x) per group of a mod G")
+    ap.add_argument("--dict", action="store_true",
+                    help="with --groups, Python: return {'s': sum} per group, not a DataFrame")
     args = ap.parse_args()
     table = partition(args.rows, args.keys)
     f = R("function(d) d") if args.lang == "r" else (lambda d: d)
@@ -70,6 +73,7 @@ def main() -> None:
         import pandas as pd
         table = table.append_column("k", pa.array(np.arange(args.rows) % args.groups))
         f = R("function(d) data.frame(s = sum(d$x))") if args.lang == "r" else \
+            (lambda d: {"s": float(d.x.sum())}) if args.dict else \
             (lambda d: pd.DataFrame({"s": [d.x.sum()]}))
         options, out_schema = {"group_by": ["k"]}, pa.schema([("k", pa.int64()), ("s", pa.float64())])
     batches = table.to_batches(max_chunksize=args.batch_rows)
