@@ -312,17 +312,17 @@ local({
 }
 
 # A group's result with the group columns it lacks put in front.
-.wb$wb_with_keys <- function(res, df, rows, keys) {
+.wb$wb_with_keys <- function(res, df, rows, keys)
+  wb_keys_in_front(res, df, rep.int(rows[1L], .row_names_info(res, 2L)), keys)
+
+# res with the columns `keys` it lacks put in front: for its row i, row at[i]
+# of df.
+.wb$wb_keys_in_front <- function(res, df, at, keys) {
   missing <- setdiff(keys, names(res))
   if (!length(missing)) return(res)
-  m <- .row_names_info(res, 2L)
-  front <- lapply(missing, function(k) {
-    x <- df[[k]]
-    x[rep.int(rows[1L], m)]
-  })
-  names(front) <- missing
+  front <- lapply(missing, function(k) df[[k]][at])
   structure(c(front, unclass(res)), names = c(missing, names(res)), class = "data.frame",
-            row.names = .set_row_names(m))
+            row.names = .set_row_names(length(at)))
 }
 
 # Row-bind the groups' results (same column names in the same order).  Per
@@ -792,14 +792,11 @@ local({
     m <- vapply(frames, function(x) .row_names_info(x, 2L), 1L)
     keep <- m > 0L
     if (!any(keep)) return(empty)
-    res <- wb_rbind(frames[keep])
-    missing <- setdiff(keys, nm)
-    if (!length(missing)) return(res)
     at <- rep.int(vapply(units[keep], function(rows) rows[1L], 1), m[keep])
-    # factors as character, as wb_bind_column makes them when binding per group
-    front <- lapply(missing, function(k) { x <- df[[k]][at]; if (is.factor(x)) as.character(x) else x })
-    return(structure(c(front, unclass(res)), names = c(missing, nm), class = "data.frame",
-                     row.names = .set_row_names(length(at))))
+    res <- wb_keys_in_front(wb_rbind(frames[keep]), df, at, keys)
+    # each key column bound as wb_rbind binds it when the keys go in per group
+    for (k in setdiff(keys, nm)) res[[k]] <- wb_bind_column(list(res[[k]]), k)
+    return(res)
   }
   frames <- lapply(seq_along(frames), function(u) wb_with_keys(frames[[u]], df, units[[u]], keys))
   frames <- frames[vapply(frames, function(x) .row_names_info(x, 2L) > 0L, NA)]
