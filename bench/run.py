@@ -216,7 +216,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000, 5_000_000])
-    ap.add_argument("--partitions", type=int, nargs="+", default=[2, 8, 64])
+    ap.add_argument("--partitions", type=int, nargs="+",
+                    help="partition counts (default 2 8 64; with --per-task, 64)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-r", action="store_true")
     ap.add_argument("--no-transform", action="store_true", help="identity only")
@@ -245,7 +246,7 @@ def main() -> None:
                 results += grouped_cell(spark, rows, args.groups, args.shuffle_partitions,
                                         args.repeat, with_r)
     for rows in ([] if args.grouped_only else args.rows):
-        for parts in args.partitions:
+        for parts in args.partitions or [2, 8, 64]:
             df = data(spark, rows, parts)
             names = [name for name in table
                      if (not args.only or name in args.only)
@@ -286,7 +287,7 @@ def per_task_methods(with_r: bool) -> dict:
 
 def per_task(spark, table: dict, args) -> None:
     """Tiny partitions: each method's added wall time per task over mapInArrow."""
-    parts = args.partitions if args.partitions != [2, 8, 64] else [64]
+    parts = args.partitions or [64]
     names = [n for n in (args.only or PER_TASK_METHODS) if n in table]
     if "mapInArrow" not in names:
         names.insert(0, "mapInArrow")
