@@ -38,12 +38,16 @@ from workerbridge.task.spec import TaskSpec, WorkerOptions
 from workerbridge.task.worker import Worker
 
 
-def partition(rows: int, keys: int = 0) -> pa.Table:
+def partition(rows: int, keys: int = 0, task: int = 0) -> pa.Table:
     """rows x (2 long, 2 double, 1 string); the string is "s<row>", or with
-    ``keys`` one of that many distinct values, drawn at random."""
-    ids = np.arange(rows, dtype=np.int64)
+    ``keys`` one of that many distinct values, drawn at random.  Each ``task``
+    gets ids (and so strings) of its own, as real tasks do: an R child that
+    read the same strings again would find them still in its string cache
+    and not pay for making them (nor for collecting them)."""
+    ids = np.arange(rows, dtype=np.int64) + task * rows
     rng = np.random.default_rng(1)
-    words = np.array([f"s{i}" for i in range(keys or rows)], dtype=object)
+    words = np.array([f"s{i}" for i in range(task * rows, task * rows + (keys or rows))],
+                     dtype=object)
     s = words[rng.integers(0, keys, rows)] if keys else words
     return pa.table({"a": ids, "b": ids * 7, "x": ids / 3, "y": rng.random(rows),
                      "s": pa.array(s, pa.string())})
@@ -59,6 +63,11 @@ def main() -> None:
                     help="rows per input batch (Spark's maxRecordsPerBatch; its default is 10,000)")
     ap.add_argument("--keys", type=int, default=0,
                     help="distinct values of the string column (default: every row its own)")
+    ap.add_argument("--pause", type=float, default=0.0,
+                    help="seconds between tasks (an R child collects its garbage "
+                         "when idle for 0.25 s, as between the runs of bench/run.py)")
+    ap.add_argument("--same-strings", action="store_true",
+                    help="every task the same rows (flatters R: its strings stay cached)")
     ap.add_argument("--profile", action="store_true",
                     help="profile=True: print the summed phases and top functions")
     ap.add_argument("--env", nargs="*", default=[], metavar="K=V")
@@ -66,17 +75,21 @@ def main() -> None:
     ap.add_argument("--dict", action="store_true",
                     help="with --groups, Python: return {'s': sum} per group, not a DataFrame")
     args = ap.parse_args()
-    table = partition(args.rows, args.keys)
+    tables = [partition(args.rows, args.keys, 0 if args.same_strings else i)
+              for i in range(args.tasks)]
+    table = tables[0]
     f = R("function(d) d") if args.lang == "r" else (lambda d: d)
     options, out_schema = {}, table.schema
     if args.groups:
         import pandas as pd
-        table = table.append_column("k", pa.array(np.arange(args.rows) % args.groups))
+        tables = [t.append_column("k", pa.array(np.arange(args.rows) % args.groups))
+                  for t in tables]
         f = R("function(d) data.frame(s = sum(d$x))") if args.lang == "r" else \
             (lambda d: {"s": float(d.x.sum())}) if args.dict else \
             (lambda d: pd.DataFrame({"s": [d.x.sum()]}))
         options, out_schema = {"group_by": ["k"]}, pa.schema([("k", pa.int64()), ("s", pa.float64())])
-    batches = table.to_batches(max_chunksize=args.batch_rows)
+    batches = [t.to_batches(max_chunksize=args.batch_rows) for t in tables]
+    del tables, table
     gw = Gateway(log_path=None)
     env = dict(kv.split("=", 1) for kv in args.env)
     runtime = Runtime.collect(args.lang == "r")
@@ -88,10 +101,11 @@ def main() -> None:
     child = None
     try:
         for i in range(args.tasks):
+            time.sleep(args.pause if i else 0)
             before = sum(child.cpu_times()[:2]) if child else 0.0
             t0, c0 = time.perf_counter(), time.process_time()
             worker = Worker(spec, 0, f"loop-{i}", root=root)
-            rows = sum(b.num_rows for b in worker.run(iter(batches)))
+            rows = sum(b.num_rows for b in worker.run(iter(batches[i])))
             times.append(time.perf_counter() - t0)
             own_cpu.append(time.process_time() - c0)
             if child is None:

@@ -769,9 +769,8 @@
     },
     Utf8 = , LargeUtf8 = {
       offs <- .ai_read_offsets(bufs[[2L]], n, t$kind == "LargeUtf8", name)
-      x <- .ai_decode_strings(bufs[[3L]], offs, n, valid, name)
-      if (!isTRUE(opts$keep)) x
-      else structure(list(x = x, data = bufs[[3L]], offs = offs), class = "ai_string_piece")
+      if (isTRUE(opts$defer)) .ai_string_bytes(bufs[[3L]], offs, n, valid, name)
+      else .ai_decode_strings(bufs[[3L]], offs, n, valid, name)
     },
     Binary = , LargeBinary = .ai_decode_binary(t, n, bufs, valid, name),
     Date = , Timestamp = .ai_decode_temporal(t, n, bufs, valid, name),
@@ -918,10 +917,13 @@
 
 .ai_max_chunk <- 1073741824   # bytes per rawToChar call
 
-.ai_decode_strings <- function(data, offs, n, valid, name) {
-  if (n == 0L) return(character(0))
+.ai_check_string_offsets <- function(data, offs, n, name)
   if (anyNA(offs) || offs[1L] < 0 || offs[n + 1L] > length(data) || is.unsorted(offs))
     .ai_col_error(name, "string offsets out of range")
+
+.ai_decode_strings <- function(data, offs, n, valid, name, checked = FALSE) {
+  if (n == 0L) return(character(0))
+  if (!checked) .ai_check_string_offsets(data, offs, n, name)
   total <- offs[n + 1L] - offs[1L]
   if (total > .ai_max_chunk) {
     # decode in row chunks of at most .ai_max_chunk bytes each
@@ -931,7 +933,7 @@
       rows <- which(grp == g)
       a <- rows[1L]; z <- rows[length(rows)]
       out[rows] <- .ai_decode_strings(data, offs[a:(z + 1L)], length(rows),
-                                      if (is.null(valid)) NULL else valid[rows], name)
+                                      if (is.null(valid)) NULL else valid[rows], name, TRUE)
     }
     return(out)
   }
@@ -978,6 +980,15 @@
   }
   if (!is.null(valid)) out[!valid] <- NA_character_
   out
+}
+
+# A string array of a stream read whole, kept as its bytes until every other
+# column is bound (.ai_bind_string_bytes); its offsets are checked now, so that
+# a bad batch fails where it stands.
+.ai_string_bytes <- function(data, offs, n, valid, name) {
+  if (n > 0L) .ai_check_string_offsets(data, offs, n, name)
+  structure(list(data = if (is.null(data)) raw(0) else data, offs = offs, n = n, valid = valid),
+            class = "ai_string_bytes")
 }
 
 .ai_decimal_to_double <- function(vb, n, nlimbs, scale) {
@@ -1085,8 +1096,9 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
                               on_batch = NULL, timing = NULL, keep = NULL) {
   int64 <- match.arg(int64)
   streaming <- is.function(on_batch)
+  # defer: a stream read whole makes its strings last (.ai_bind_string_bytes)
   opts <- list(int64 = int64, factors = isTRUE(factors),
-               keep = !streaming && is.environment(keep))
+               keep = !streaming && is.environment(keep), defer = !streaming)
   s <- .ai_source(src, timing)
   if (s$close) on.exit(close(s$con))
   state <- .ai_reader_state()
@@ -1136,11 +1148,13 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
     return(invisible(list(names = vapply(fields, function(f) f$name, ""), nrows = nrows,
                           nbatches = nbatches)))
   cols <- vector("list", length(fields))
-  for (j in seq_along(fields)) {        # each column's parts let go once bound
+  # each column's parts let go once bound; the string columns last
+  strings <- vapply(parts, function(p) length(p) > 0L && inherits(p[[1L]], "ai_string_bytes"), NA)
+  for (j in c(which(!strings), which(strings))) {
     p <- parts[[j]]
     parts[j] <- list(NULL)
     cols[[j]] <- if (length(p) == 0L) .ai_empty_base(fields[[j]], opts)
-                 else if (inherits(p[[1L]], "ai_string_piece")) .ai_bind_strings(p, keep)
+                 else if (strings[j]) .ai_bind_string_bytes(p, fields[[j]]$name, keep)
                  else if (inherits(p[[1L]], "ai_int64_bits")) .ai_bind_int64(p, keep)
                  else if (length(p) == 1L) p[[1L]]
                  else do.call(c, unname(p))
@@ -1148,13 +1162,82 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
   .ai_frame(fields, cols, nrows, levels, opts, state)
 }
 
-# The character column of string pieces p (one per batch); their bytes and
-# offsets appended to keep$cols, for .ai_known_strings.
-.ai_bind_strings <- function(p, keep) {
-  x <- .ai_bind_values(p)
-  for (i in seq_along(p)) p[[i]]$x <- NULL
-  keep$cols[[length(keep$cols) + 1L]] <- list(kind = "utf8", x = x, pieces = p)
+# The character column of the string pieces p (.ai_string_bytes, one per
+# batch), made by one readChar over their bytes put end to end (pieces of more
+# than .ai_max_chunk bytes in all: piece by piece).  Why last and at once: R
+# collects garbage when its heaps fill, and every collection visits every
+# string alive and every entry of R's global string cache.  Strings made batch
+# by batch lived through the collections of all the batches after them (a
+# 2.5M-row read: 1.05 s, 0.6 s of it collecting); made at the end, after the
+# other columns' garbage, they meet few or none (0.7 s, 0.3 s).
+# With keep (an environment), the column and its bytes and offsets are
+# appended to keep$cols, for .ai_known_strings.
+.ai_bind_string_bytes <- function(p, name, keep) {
+  a <- vapply(p, function(q) as.numeric(q$offs[1L]), 0)
+  z <- vapply(p, function(q) as.numeric(q$offs[q$n + 1L]), 0)
+  n <- sum(vapply(p, function(q) as.numeric(q$n), 0))
+  if (sum(z - a) > .ai_max_chunk) {
+    x <- do.call(c, lapply(p, function(q) .ai_decode_strings(q$data, q$offs, q$n, q$valid, name, TRUE)))
+    pieces <- lapply(p, function(q) list(data = q$data, offs = q$offs))
+  } else {
+    base <- cumsum(c(0, z - a))
+    data <- do.call(c, lapply(seq_along(p), function(i) .ai_byte_range(p[[i]]$data, a[i], z[i])))
+    offs <- c(0L, unlist(lapply(seq_along(p), function(i) {
+      o <- p[[i]]$offs
+      if (p[[i]]$n == 0L) integer(0)
+      else if (!is.integer(o)) as.integer(o[-1L] - (a[i] - base[i]))
+      else if (a[i] == base[i]) o[-1L]
+      else o[-1L] + as.integer(base[i] - a[i])
+    }), use.names = FALSE))
+    valid <- if (all(vapply(p, function(q) is.null(q$valid), NA))) NULL
+             else unlist(lapply(p, function(q) if (is.null(q$valid)) rep(TRUE, q$n) else q$valid),
+                         use.names = FALSE)
+    p <- NULL
+    .ai_make_room(n, length(data))
+    x <- .ai_decode_strings(data, offs, n, valid, name, TRUE)
+    pieces <- list(list(data = data, offs = offs))
+  }
+  if (is.environment(keep))
+    keep$cols[[length(keep$cols) + 1L]] <- list(kind = "utf8", x = x, pieces = pieces)
   x
+}
+
+# Room in R's vector heap for n strings of `bytes` bytes in all (the column,
+# the strings, the reader's two integer vectors of n), made while a collection
+# is cheap: R collects when an allocation finds its heap full, and a
+# collection while the strings are being made visits every one made so far.
+# gc() (a full collection: cheap before the strings exist) tells the heap's
+# size and use.  When the room is short, one allocation larger than it (never
+# written: no memory is touched) makes R collect and size its heap to hold it
+# (R sets its heap to what it holds, then adds a fifth), and a second gc()
+# lets it go.  Below .ai_room_min_strings the collections this avoids cost
+# less than the two or three it makes (500k rows: 124 against 150 ms a task).
+# Room for the strings' nodes cannot be made from R code: the child starts
+# with enough (r_heap_args in worker.py).
+.ai_make_room <- function(n, bytes) {
+  if (n < .ai_room_min_strings) return(invisible())
+  need <- 1.1 * (bytes + 32 * n) + 8388608
+  g <- gc(FALSE)
+  used <- g[2L, 1L] * 8
+  size <- g[2L, 3L] * 8
+  if (size - used >= need) return(invisible())
+  target <- used + need
+  if (used < 0.3 * target) target <- target / 0.8   # R shrinks a heap less than 30% full
+  rc <- rawConnection(raw(0))
+  on.exit(close(rc))
+  # (a heap R may not grow, R_MAX_VSIZE: the strings meet what they meet)
+  tryCatch(readBin(rc, "raw", n = max(target / 1.2 - used, size - used + 8)),
+           error = function(e) NULL)
+  invisible(gc(FALSE))
+}
+.ai_room_min_strings <- 1048576
+
+# bytes a + 1 to z of the raw vector d (no copy when that is all of it)
+.ai_byte_range <- function(d, a, z) {
+  if (z <= a) raw(0)
+  else if (a == 0 && length(d) == z) d
+  else if (a == 0) { length(d) <- z; d }
+  else d[(a + 1):z]
 }
 
 # The column of int64 pieces p (one per batch); their values buffers (the
@@ -1258,6 +1341,7 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
   data <- .fb_subtable(db, 1L)
   if (is.null(data)) stop(.ai_codec_error("dictionary batch without data"))
   opts$keep <- FALSE                     # a dictionary's values are not a column
+  opts$defer <- FALSE
   db <- .ai_decode_batch(data, msg, list(vf), opts, state, "dictionary batch")
   vals <- db$cols[[1L]]
   key <- as.character(id)
@@ -1381,7 +1465,7 @@ arrow_prepare_frame <- function(df, known = NULL, int64_names = NULL) {
   for (k in known) {
     if (k$kind != "utf8" || !identical(k$x, x)) next
     data <- list()
-    offs <- list(0L)
+    offs <- list()                       # the first piece's whole, with its 0: no copy
     base <- 0
     for (q in k$pieces) {
       m <- length(q$offs) - 1L
@@ -1393,12 +1477,13 @@ arrow_prepare_frame <- function(df, known = NULL, int64_names = NULL) {
       d <- q$data
       if (length(d) > z) length(d) <- z  # a padded buffer's spare bytes (one copy)
       data[[length(data) + 1L]] <- d
-      offs[[length(offs) + 1L]] <- if (!is.integer(q$offs)) as.integer(q$offs[-1L] + base)
-                                   else if (base == 0) q$offs[-1L]
-                                   else q$offs[-1L] + as.integer(base)
+      o <- if (!length(offs)) q$offs else q$offs[-1L]
+      offs[[length(offs) + 1L]] <- if (!is.integer(o)) as.integer(o + base)
+                                   else if (base == 0) o
+                                   else o + as.integer(base)
       base <- base + z
     }
-    return(list(data = data, offs = offs))
+    return(list(data = data, offs = if (length(offs)) offs else list(0L)))
   }
   NULL
 }

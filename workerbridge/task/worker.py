@@ -59,22 +59,48 @@ PY_CHILD_MAIN = ("import runpy, sys\n"
 
 
 R_MIN_VSIZE = 96 * 2**20        # R's vector heap before its first collection
+R_MIN_NSIZE = 3 * 2**20         # R's node count before its first collection
+R_NODE_BYTES = 56               # one node (cons cell or vector header), 64-bit R
 
 
-def r_heap_args(memory_limit: Optional[int]) -> list:
-    """Rscript flags that size R's vector heap, the allocations after which R
-    collects garbage (R's own default: 64 MB).  The codec makes little garbage
+def r_heap_args(memory_limit: Optional[int], env: Optional[dict] = None) -> list:
+    """Rscript flags that size R's heaps: the allocations after which R
+    collects garbage, and below which it never shrinks them.
+
+    The vector heap (R's own default: 64 MB): the codec makes little garbage
     (columns are written and read as vectors, not raw copies), so a 96 MB
     heap collects rarely: warm R task, 500k rows (bench/worker_loop.py --env
     R_VSIZE=...), child CPU and true peak RSS: 256 MB 0.15-0.16 s / 376 MB,
-    128 MB 0.17 s / 236 MB, 96 MB 0.18 s / 198 MB; at 2.5M rows all three
-    1.0-1.2 s (R grows its heap past the minimum).  A larger cons-cell heap
-    (--min-nsize) measured no faster.  Batch mode keeps R's default: its point
-    is a small footprint (8 MB measured a higher idle and peak RSS than the
-    default).  A memory_limit caps the heap at a quarter of it."""
-    vsize = R_MIN_VSIZE if memory_limit is None else \
-        max(16 * 2**20, min(R_MIN_VSIZE, memory_limit // 4))
-    return [f"--min-vsize={vsize // 2**20}M"]
+    128 MB 0.17 s / 236 MB, 96 MB 0.18 s / 198 MB.
+
+    The node heap (R's own: 350,000 nodes): every string is a node, and a
+    collection while a column's strings are being made visits all of them
+    and all of R's string cache.  The reader makes a partition's strings at
+    once, last (arrow_ipc.R, .ai_bind_string_bytes), after making room in the
+    vector heap; room for the nodes can only be set here.  Without a floor R
+    shrinks the node heap by a fifth at each collection that finds it mostly
+    free (every collection of the numeric columns before the strings), and the
+    strings then met collections three at a time.  3M nodes hold 2.5M strings
+    with none: warm 2.5M-row task, fresh strings each task (bench/worker_loop.py
+    --rows 2500000 --pause 0.6), child CPU 0.96 -> 0.79 s with the room, peak
+    RSS 686 -> 625 MB.  The price: up to 168 MB of dead nodes before R
+    collects, for a closure that makes many small objects.
+
+    Batch mode keeps R's defaults: its point is a small footprint (8 MB
+    measured a higher idle and peak RSS than the default).  A memory_limit
+    caps each heap at a quarter of it; the user's own R_VSIZE or R_NSIZE
+    (env=) wins for its heap."""
+    env = env or {}
+    quarter = None if memory_limit is None else memory_limit // 4
+    args = []
+    if "R_VSIZE" not in env:
+        vsize = R_MIN_VSIZE if quarter is None else max(16 * 2**20, min(R_MIN_VSIZE, quarter))
+        args.append(f"--min-vsize={vsize // 2**20}M")
+    if "R_NSIZE" not in env:
+        nsize = R_MIN_NSIZE if quarter is None else \
+            max(350_000, min(R_MIN_NSIZE, quarter // R_NODE_BYTES))
+        args.append(f"--min-nsize={nsize}")
+    return args
 
 
 class State(enum.Enum):
@@ -328,7 +354,7 @@ class Worker:
                     hint=f"{R_INSTALL_HINT} on every node, "
                          "or pass rscript='/path/to/Rscript' or set spark.workerbridge.rscript")
             heap = [] if self.closure.options.get("batch_mode") == "batch" \
-                or "R_VSIZE" in env else r_heap_args(opts.memory_limit)
+                else r_heap_args(opts.memory_limit, env)
             return [exe, "--vanilla", *heap, str(root / "rscripts" / "child.R")], env
         exe = env_python(self.shipped[PYTHON_ENV]) if PYTHON_ENV in self.shipped \
             else opts.python or sys.executable
