@@ -1,6 +1,6 @@
-"""The R child's heap: started large (fewer garbage collections on the hot
+"""The R child's heaps: started large (fewer garbage collections on the hot
 path), capped by memory_limit, R's own in batch mode, the user's own when env=
-sets R_VSIZE, and collected once the child sits idle in the pool."""
+sets R_VSIZE or R_NSIZE, and collected once the child sits idle in the pool."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from workerbridge.task.worker import Worker
 
 # the vector heap's collection trigger in MB, as R itself reports it
 TRIGGER = R("function(d) data.frame(mb = gc()[2L, 4L])")
+# the node heap's: how many nodes (cons cells and vector headers)
+NODES = R("function(d) data.frame(n = gc()[1L, 3L])")
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +48,23 @@ def test_vector_heap_trigger(gateway, case, options, low, high):
     _, out = run(gateway, TRIGGER, options.pop("batch_mode", "partition"), **options)
     mb = out.column("mb")[0].as_py()
     assert low <= mb < high, f"{case}: trigger {mb} MB"
+
+
+@pytest.mark.parametrize("case, options, low, high", [
+    # 3M nodes: a 2.5M-row partition's strings made with no collection
+    ("default", {}, 3 * 2**20, 3 * 2**20 + 1),
+    ("memory_limit caps it at a quarter", {"memory_limit": 200 * 2**20},
+     200 * 2**20 // 4 // 56, 200 * 2**20 // 4 // 56 + 1),
+    ("batch mode keeps R's own", {"batch_mode": "batch"}, 0, 1_000_000),
+    ("the user's R_NSIZE wins", {"env": {"R_NSIZE": "2000000"}}, 2_000_000, 2_000_001),
+    ("the user's R_VSIZE leaves the node heap ours", {"env": {"R_VSIZE": "80M"}},
+     3 * 2**20, 3 * 2**20 + 1),
+])
+def test_node_heap_trigger(gateway, case, options, low, high):
+    options = dict(options)
+    _, out = run(gateway, NODES, options.pop("batch_mode", "partition"), **options)
+    n = out.column("n")[0].as_py()
+    assert low <= n < high, f"{case}: trigger {n} nodes"
 
 
 def test_idle_warm_child_gives_its_garbage_back(gateway):
