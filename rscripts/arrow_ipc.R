@@ -1429,12 +1429,12 @@ arrow_prepare_frame <- function(df, known = NULL, int64_names = NULL) {
       else list(kind = "int64", x = x, bits = bits)
     } else if (is.character(x)) {
       bits <- if (name %in% int64_names) .ai_known_int64(x, known)
-      x <- enc2utf8(as.vector(x))
-      if (!is.null(bits)) list(kind = "int64", x = x, bits = bits)
-      else {
-        got <- .ai_known_strings(x, known)
-        if (is.null(got)) .ai_string_column(x) else list(kind = "utf8", x = x, known = got)
-      }
+      x <- as.vector(x)
+      # a column as read goes back as its bytes: no need to make it UTF-8
+      got <- if (is.null(bits)) .ai_known_strings(x, known)
+      if (!is.null(got)) list(kind = "utf8", x = x, known = got)
+      else if (!is.null(bits)) list(kind = "int64", x = enc2utf8(x), bits = bits)
+      else .ai_string_column(enc2utf8(x))
     } else if (is.list(x)) {
       isnull <- vapply(x, is.null, NA)
       ok <- isnull | vapply(x, is.raw, NA)
