@@ -27,7 +27,7 @@ from wbtest import ROOT, RUNTIME
 from workerbridge.driver.closure import R, pack
 from workerbridge.driver.gateway import Gateway
 from workerbridge.task.spec import TaskSpec, WorkerOptions
-from workerbridge.task.worker import R_COALESCE_ROWS, Worker
+from workerbridge.task.worker import COALESCE_ROWS, Worker
 
 SETTINGS = settings(max_examples=6, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -112,11 +112,11 @@ def test_unchanged_strings_go_back_as_read_and_changed_ones_as_changed(batches, 
 
 
 def test_a_partition_of_several_large_batches_and_a_slice():
-    """Batches of R_COALESCE_ROWS rows and more reach the child one by one, so
+    """Batches of COALESCE_ROWS rows and more reach the child one by one, so
     the column is read in pieces; one batch is a slice of a larger array, and
     two have spare bytes after their last string (as pyarrow's own padded
     buffers do): only each piece's strings may go back."""
-    n = R_COALESCE_ROWS + 1
+    n = COALESCE_ROWS + 1
     rng = np.random.default_rng(5)
     batches = []
     for b in range(3):

@@ -49,8 +49,6 @@ POLL_S = 0.2
 CHILD_MODULE = "workerbridge.child.python"   # run with -m; tests match it in a cmdline
 COALESCE_ROWS = 100_000        # input rows joined into one batch for the child
 COALESCE_BYTES = 16 * 2**20    # ... or bytes, whichever comes first
-R_COALESCE_ROWS = 1_000_000    # the same for the R child (see _input_batches)
-R_COALESCE_BYTES = 64 * 2**20
 LOG_FRAME_KEEP = 1 << 20       # a LOG frame above this is read as its head only
 # The Python child is started with -c, not -m: this drops the working
 # directory from the front of sys.path (what -P does, for any Python 3).
@@ -479,26 +477,18 @@ class Worker:
         """Spark's batches (10,000 rows by default), joined into batches of at
         least COALESCE_ROWS rows or COALESCE_BYTES bytes: the children decode
         per batch, and R pays ~2 ms a batch (bench/worker_loop.py --batch-rows).
-        R gets larger ones: each batch it reads is pieces of every column to
-        bind, and fewer pieces cost less (2.5M rows in 25 batches of 100k
-        against 3 of up to 1M: child CPU 0.73-0.85 -> 0.60-0.63 s, peak RSS
-        606 -> 544 MB; the Worker's CPU the same; bench/worker_loop.py --rows
-        2500000 --pause 0.6).  Python's child showed no difference, so its
-        Worker keeps less in hand.  Batch mode keeps Spark's batches: they are
-        what its closure is given."""
+        Batch mode keeps Spark's batches: they are what its closure is given."""
         if self.closure.options.get("batch_mode") == "batch":
             yield first
             yield from (b for b in rest if b.num_rows)
             return
-        most_rows, most_bytes = (R_COALESCE_ROWS, R_COALESCE_BYTES) \
-            if self.closure.language == R_LANG else (COALESCE_ROWS, COALESCE_BYTES)
         pending, rows, size = [], 0, 0
         for batch in itertools.chain([first], rest):
             if not batch.num_rows:
                 continue
             pending.append(batch)
             rows, size = rows + batch.num_rows, size + batch.nbytes
-            if rows >= most_rows or size >= most_bytes:
+            if rows >= COALESCE_ROWS or size >= COALESCE_BYTES:
                 yield from joined_batches(pending)
                 pending, rows, size = [], 0, 0
         if pending:
