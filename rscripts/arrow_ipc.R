@@ -1210,8 +1210,10 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
 # size and use.  When the room is short, one allocation larger than it (never
 # written: no memory is touched) makes R collect and size its heap to hold it
 # (R sets its heap to what it holds, then adds a fifth), and a second gc()
-# lets it go.  Below .ai_room_min_strings the collections this avoids cost
-# less than the two or three it makes (500k rows: 124 against 150 ms a task).
+# lets it go.  The first gc() also frees the other columns' garbage before
+# the strings are made, which keeps the peak down (500k rows: 195 -> 184 MB,
+# bench/worker_loop.py --pause 0.6; the old reader: 183 MB).  Below
+# .ai_room_min_strings the collections are not worth making.
 # Room for the strings' nodes cannot be made from R code: the child starts
 # with enough (r_heap_args in worker.py).
 .ai_make_room <- function(n, bytes) {
@@ -1230,7 +1232,7 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
            error = function(e) NULL)
   invisible(gc(FALSE))
 }
-.ai_room_min_strings <- 1048576
+.ai_room_min_strings <- 262144
 
 # bytes a + 1 to z of the raw vector d (no copy when that is all of it)
 .ai_byte_range <- function(d, a, z) {
