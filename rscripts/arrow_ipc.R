@@ -1168,8 +1168,9 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
 # collects garbage when its heaps fill, and every collection visits every
 # string alive and every entry of R's global string cache.  Strings made batch
 # by batch lived through the collections of all the batches after them (a
-# 2.5M-row read: 1.05 s, 0.6 s of it collecting); made at the end, after the
-# other columns' garbage, they meet few or none (0.7 s, 0.3 s).
+# 2.5M-row read: 1.05 s, 0.6 s of it collecting); made at the end, after room
+# is made for them (.ai_make_room) in a child whose node heap holds them (the
+# Worker's r_heap_args), they meet none (0.5-0.6 s; tests/test_r_strings_last.py).
 # With keep (an environment), the column and its bytes and offsets are
 # appended to keep$cols, for .ai_known_strings.
 .ai_bind_string_bytes <- function(p, name, keep) {
@@ -1210,10 +1211,10 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
 # size and use.  When the room is short, one allocation larger than it (never
 # written: no memory is touched) makes R collect and size its heap to hold it
 # (R sets its heap to what it holds, then adds a fifth), and a second gc()
-# lets it go.  The first gc() also frees the other columns' garbage before
-# the strings are made, which keeps the peak down (500k rows: 195 -> 184 MB,
-# bench/worker_loop.py --pause 0.6; the old reader: 183 MB).  Below
-# .ai_room_min_strings the collections are not worth making.
+# lets it go.  Below .ai_room_min_strings they cost more than they save: each
+# full collection walks R's string cache, whose table never shrinks (500k
+# rows, bench/worker_loop.py --pause 0.6: 126-144 ms a task without them,
+# 157-196 ms with, though the first gc() keeps the peak at 184 MB, not 195).
 # Room for the strings' nodes cannot be made from R code: the child starts
 # with enough (r_heap_args in worker.py).
 .ai_make_room <- function(n, bytes) {
@@ -1232,7 +1233,7 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
            error = function(e) NULL)
   invisible(gc(FALSE))
 }
-.ai_room_min_strings <- 262144
+.ai_room_min_strings <- 1048576
 
 # bytes a + 1 to z of the raw vector d (no copy when that is all of it)
 .ai_byte_range <- function(d, a, z) {

@@ -103,7 +103,7 @@ cat("rows", nrow(df), "last", df$s[nrow(df)], "\n")
 
 
 def test_no_collection_while_the_strings_are_made(tmp_path):
-    rows = 1_200_000                     # past .ai_room_min_strings, and room short
+    rows = 1_200_000                     # past .ai_room_min_strings
     ids = np.arange(rows, dtype=np.int64)
     table = pa.table({"a": ids, "x": ids / 3,
                       "s": pa.array([f"s{i}" for i in range(rows)], pa.string())})
