@@ -20,8 +20,9 @@
 #       keep: NULL, or an environment whose `cols` gets, for each plain string
 #       column and each signed int64 column of a stream read whole, the column
 #       and the Arrow bytes it was read from: list(kind = "utf8", x, pieces =
-#       each batch's bytes and offsets) or list(kind = "int64", x, bits = each
-#       batch's values buffer as doubles); pass it to arrow_prepare_frame so
+#       the column's bytes and offsets, end to end in one piece, or batch by
+#       batch past 1 GiB) or list(kind = "int64", x, bits = each batch's values
+#       buffer as doubles); pass it to arrow_prepare_frame so
 #       that a column the caller leaves as it is goes back as it came.
 #   arrow_skip_stream(src)
 #       Consumes a stream up to its end-of-stream marker without decoding it.
