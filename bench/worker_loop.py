@@ -102,7 +102,7 @@ def main() -> None:
     try:
         for i in range(args.tasks):
             time.sleep(args.pause if i else 0)
-            before = sum(child.cpu_times()[:2]) if child else 0.0
+            before = child.cpu_times()[:2] if child else (0.0, 0.0)
             t0, c0 = time.perf_counter(), time.process_time()
             worker = Worker(spec, 0, f"loop-{i}", root=root)
             rows = sum(b.num_rows for b in worker.run(iter(batches[i])))
@@ -110,7 +110,8 @@ def main() -> None:
             own_cpu.append(time.process_time() - c0)
             if child is None:
                 child = psutil.Process(worker.child.pid)
-            child_cpu.append(sum(child.cpu_times()[:2]) - before)
+            after = child.cpu_times()[:2]
+            child_cpu.append((after[0] - before[0], after[1] - before[1]))
             assert rows == (args.groups or args.rows)
         peak = child_peak_rss(child.pid)
         if args.profile:          # the warm tasks only
@@ -123,7 +124,10 @@ def main() -> None:
           f"(first, with the child's start, {times[0]:.3f} s)")
     # CPU seconds move far less than wall time on a loaded machine; the mean,
     # as the kernel counts a process's CPU in 10 ms ticks
-    print(f"mean CPU of the warm tasks: child {statistics.mean(child_cpu[1:]) * 1e3:.2f} ms, "
+    user = statistics.mean(u for u, _ in child_cpu[1:])
+    system = statistics.mean(s for _, s in child_cpu[1:])
+    print(f"mean CPU of the warm tasks: child {(user + system) * 1e3:.2f} ms "
+          f"(user {user * 1e3:.0f}, system {system * 1e3:.0f}), "
           f"Worker {statistics.mean(own_cpu[1:]) * 1e3:.2f} ms")
     print(f"peak RSS of the child over all tasks (VmHWM): {peak / 2**20:.0f} MB")
 

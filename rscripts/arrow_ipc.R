@@ -17,13 +17,11 @@
 #       is re-raised unchanged once the rest of the stream has been consumed.
 #       timing: NULL, or an environment whose `transfer` (seconds) grows by the
 #       time spent reading from src.
-#       keep: NULL, or an environment whose `cols` gets, for each plain string
-#       column and each signed int64 column of a stream read whole, the column
-#       and the Arrow bytes it was read from: list(kind = "utf8", x, pieces =
-#       the column's bytes and offsets, end to end in one piece, or batch by
-#       batch past 1 GiB) or list(kind = "int64", x, bits = each batch's values
-#       buffer as doubles); pass it to arrow_prepare_frame so
-#       that a column the caller leaves as it is goes back as it came.
+#       keep: NULL, or an environment whose `cols` gets, for a stream read
+#       whole, each column as returned, list(index = its 0-based position,
+#       name, x = the column, kind = what it comes back as, .ai_ref_kind); pass it
+#       to arrow_prepare_frame so that a column the caller leaves as it is can
+#       be named, not written (see `known` below).
 #   arrow_skip_stream(src)
 #       Consumes a stream up to its end-of-stream marker without decoding it.
 #   arrow_write_stream(df, con = NULL, batch_rows = 1048576L, vectors = FALSE)
@@ -41,11 +39,14 @@
 #       Checks and converts the columns of df for writing (raises an
 #       arrow_codec_error naming the column if one cannot be written); the
 #       result can be passed to arrow_write_stream instead of df.
-#       known: keep$cols of a read.  A character column identical() to a
-#       kept string column is written from its bytes, not re-encoded; a
-#       column named in int64_names (double, or character for int64 =
-#       "character") identical() to a kept int64 column is written as int64
-#       from the values it was read from (exact, even past 2^53).
+#       known: keep$cols of a read.  A column identical() to a kept one
+#       (bit for bit, attributes included) whose Arrow type would come back
+#       unchanged is written as a column of type Null holding nothing, and
+#       prep$refs maps its 0-based position to the kept one's (int64 columns:
+#       only those named in int64_names, for int64 = "character" too).  The
+#       reader of the stream, which sent the kept columns, puts them back
+#       (the Worker: workerbridge/task/passthrough.py).  A frame of no rows
+#       names none.
 #
 # Errors are conditions of class "arrow_codec_error" (a column or its type
 # cannot be decoded/encoded; $column names it; when reading, the rest of the
@@ -651,7 +652,8 @@
     list(version = .fb_scalar(m, 0L, .ai_i16, 0L),
          header_type = .fb_scalar(m, 1L, .ai_u8, 0L),
          header = .fb_subtable(m, 2L),
-         body_length = .fb_scalar(m, 3L, .ai_i64, 0))
+         body_length = .fb_scalar(m, 3L, .ai_i64, 0),
+         ascii = .ai_ascii_columns(m))
   }, error = function(e) {
     if (inherits(e, "arrow_stream_error")) stop(e)
     stop(.ai_stream_error(paste0("corrupt Arrow message metadata: ", conditionMessage(e))))
@@ -722,6 +724,22 @@
   root
 }
 
+# The 0-based positions of the string columns whose bytes are all ASCII, as
+# a message's custom metadata lists them under .ai_ascii_key (the Worker's
+# task/dictionary.py, ascii_columns), else integer(0): R then need not check
+# those strings for UTF-8 and mark them.  (The sender is trusted with this:
+# a wrong list leaves non-ASCII strings unchecked and in the native encoding.)
+.ai_ascii_key <- "workerbridge.ascii"
+.ai_ascii_columns <- function(m) {
+  kvs <- .fb_table_vector(m, 4L)
+  for (kv in kvs) if (identical(.fb_string(kv, 0L), .ai_ascii_key)) {
+    v <- .fb_string(kv, 1L)
+    return(if (is.na(v) || !nzchar(v)) integer(0)
+           else suppressWarnings(as.integer(strsplit(v, ",", fixed = TRUE)[[1L]])))
+  }
+  integer(0)
+}
+
 # ---------------------------------------------------------------------------
 # Decoding of one record batch
 
@@ -759,19 +777,20 @@
       .ai_setna(if (n) as.logical(rawToBits(vb)[seq_len(n)]) else logical(0), valid)
     },
     Int = if (t$bitWidth != 64L) .ai_decode_int(t, n, bufs, valid, name, state)
-          else if (!isTRUE(opts$keep) || !t$signed || !is.double(bufs[[2L]]))
-            .ai_decode_int64(t, n, bufs, valid, name, opts, state)
-          else structure(list(x = .ai_decode_int64(t, n, bufs, valid, name, opts, state),
-                              bits = .ai_first(bufs[[2L]], n)), class = "ai_int64_bits"),
+          else .ai_decode_int64(t, n, bufs, valid, name, opts, state),
     FloatingPoint = {
       size <- if (t$precision == 1L) 4L else 8L
       vb <- .ai_need(bufs[[2L]], n * size, "values", name)
-      .ai_setna(.ai_values(vb, n, "double", size), valid)
+      x <- .ai_values(vb, n, "double", size)
+      # a valid value with the bits of R's NA reads as NA (noted: see .ai_ref_kind)
+      if (anyNA(x) && any(is.na(x) & !is.nan(x) & (if (is.null(valid)) TRUE else valid)))
+        state$na_bits[[name]] <- TRUE
+      .ai_setna(x, valid)
     },
     Utf8 = , LargeUtf8 = {
       offs <- .ai_read_offsets(bufs[[2L]], n, t$kind == "LargeUtf8", name)
-      if (isTRUE(opts$defer)) .ai_string_bytes(bufs[[3L]], offs, n, valid, name)
-      else .ai_decode_strings(bufs[[3L]], offs, n, valid, name)
+      if (isTRUE(opts$defer)) .ai_string_bytes(bufs[[3L]], offs, n, valid, name, isTRUE(opts$ascii))
+      else .ai_decode_strings(bufs[[3L]], offs, n, valid, name, ascii = isTRUE(opts$ascii))
     },
     Binary = , LargeBinary = .ai_decode_binary(t, n, bufs, valid, name),
     Date = , Timestamp = .ai_decode_temporal(t, n, bufs, valid, name),
@@ -922,7 +941,8 @@
   if (anyNA(offs) || offs[1L] < 0 || offs[n + 1L] > length(data) || is.unsorted(offs))
     .ai_col_error(name, "string offsets out of range")
 
-.ai_decode_strings <- function(data, offs, n, valid, name, checked = FALSE) {
+# (ascii: the sender says every byte is ASCII; no UTF-8 check or marking)
+.ai_decode_strings <- function(data, offs, n, valid, name, checked = FALSE, ascii = FALSE) {
   if (n == 0L) return(character(0))
   if (!checked) .ai_check_string_offsets(data, offs, n, name)
   total <- offs[n + 1L] - offs[1L]
@@ -934,7 +954,7 @@
       rows <- which(grp == g)
       a <- rows[1L]; z <- rows[length(rows)]
       out[rows] <- .ai_decode_strings(data, offs[a:(z + 1L)], length(rows),
-                                      if (is.null(valid)) NULL else valid[rows], name, TRUE)
+                                      if (is.null(valid)) NULL else valid[rows], name, TRUE, ascii)
     }
     return(out)
   }
@@ -950,6 +970,10 @@
     if (!is.integer(lens)) lens <- as.integer(lens)
     out <- tryCatch(readChar(region, lens, useBytes = TRUE), error = function(e)
       .ai_col_error(name, "a string holds a NUL byte, which R strings cannot hold"))
+    if (ascii) {
+      if (!is.null(valid)) out[!valid] <- NA_character_
+      return(out)
+    }
     # chars < bytes exactly for non-ASCII UTF-8 (NA for invalid strings): the
     # sums are equal only when all are ASCII
     nc <- nchar(out, type = "chars", allowNA = TRUE)
@@ -970,7 +994,7 @@
     Encoding(big) <- "bytes"
     rel <- offs - offs[1L]
     out <- substring(big, rel[-(n + 1L)] + 1, rel[-1L])
-    hi <- which(region > as.raw(0x7F))
+    hi <- if (ascii) integer(0) else which(region > as.raw(0x7F))
     if (length(hi)) {
       rows <- unique(findInterval(hi - 1, rel, left.open = FALSE))
       Encoding(out[rows]) <- "UTF-8"
@@ -986,9 +1010,10 @@
 # A string array of a stream read whole, kept as its bytes until every other
 # column is bound (.ai_bind_string_bytes); its offsets are checked now, so that
 # a bad batch fails where it stands.
-.ai_string_bytes <- function(data, offs, n, valid, name) {
+.ai_string_bytes <- function(data, offs, n, valid, name, ascii = FALSE) {
   if (n > 0L) .ai_check_string_offsets(data, offs, n, name)
-  structure(list(data = if (is.null(data)) raw(0) else data, offs = offs, n = n, valid = valid),
+  structure(list(data = if (is.null(data)) raw(0) else data, offs = offs, n = n, valid = valid,
+                 ascii = ascii),
             class = "ai_string_bytes")
 }
 
@@ -1047,6 +1072,7 @@
     bufs <- buffers[bi + seq_len(nb)]
     if (!nb) bufs <- list(NULL)
     bi <- bi + nb
+    opts$ascii <- (j - 1L) %in% msg$ascii
     cols[[j]] <- .ai_decode_values(f, n, nc, bufs, f$name, opts, state)
   }
   list(length = length, cols = cols)
@@ -1098,8 +1124,7 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
   int64 <- match.arg(int64)
   streaming <- is.function(on_batch)
   # defer: a stream read whole makes its strings last (.ai_bind_string_bytes)
-  opts <- list(int64 = int64, factors = isTRUE(factors),
-               keep = !streaming && is.environment(keep), defer = !streaming)
+  opts <- list(int64 = int64, factors = isTRUE(factors), defer = !streaming)
   s <- .ai_source(src, timing)
   if (s$close) on.exit(close(s$con))
   state <- .ai_reader_state()
@@ -1155,12 +1180,38 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
     p <- parts[[j]]
     parts[j] <- list(NULL)
     cols[[j]] <- if (length(p) == 0L) .ai_empty_base(fields[[j]], opts)
-                 else if (strings[j]) .ai_bind_string_bytes(p, fields[[j]]$name, keep)
-                 else if (inherits(p[[1L]], "ai_int64_bits")) .ai_bind_int64(p, keep)
+                 else if (strings[j]) .ai_bind_string_bytes(p, fields[[j]]$name)
                  else if (length(p) == 1L) p[[1L]]
                  else do.call(c, unname(p))
   }
-  .ai_frame(fields, cols, nrows, levels, opts, state)
+  df <- .ai_frame(fields, cols, nrows, levels, opts, state)
+  if (is.environment(keep))
+    keep$cols <- lapply(seq_along(fields), function(j)
+      list(index = j - 1L, name = fields[[j]]$name, x = df[[j]],
+           kind = .ai_ref_kind(fields[[j]], state)))
+  df
+}
+
+# What a column read from field f comes back as when it is named, not
+# written (arrow_prepare_frame's known): "utf8", "int64", "float64", "int32",
+# "bool" or "date32" where writing its R column gives those same values in
+# the Arrow type it came as (up to utf8 / large_utf8 and a dictionary's
+# values), else NA.  Not an int32 or float64 column in which a valid value
+# read as R's NA (the int32 minimum, a double with NA's bits): R cannot tell
+# it from a null, nor a column it computed from one (NA + 0L), which must go
+# back null as R wrote it before.
+.ai_ref_kind <- function(f, state) {
+  t <- f$type
+  if (!is.null(state$warn[[f$name]]) && t$kind == "Int" && t$bitWidth == 32L) return(NA_character_)
+  if (isTRUE(state$na_bits[[f$name]])) return(NA_character_)
+  switch(t$kind,
+    Utf8 = , LargeUtf8 = "utf8",
+    Bool = "bool",
+    Int = if (!isTRUE(t$signed)) NA_character_
+          else if (t$bitWidth == 32L) "int32" else if (t$bitWidth == 64L) "int64" else NA_character_,
+    FloatingPoint = if (t$precision == 2L) "float64" else NA_character_,
+    Date = if (t$unit == 0L) "date32" else NA_character_,
+    NA_character_)
 }
 
 # The character column of the string pieces p (.ai_string_bytes, one per
@@ -1172,36 +1223,29 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
 # 2.5M-row read: 1.05 s, 0.6 s of it collecting); made at the end, after room
 # is made for them (.ai_make_room) in a child whose node heap holds them (the
 # Worker's r_heap_args), they meet none (0.5-0.6 s; tests/test_r_strings_last.py).
-# With keep (an environment), the column and its bytes and offsets are
-# appended to keep$cols, for .ai_known_strings.
-.ai_bind_string_bytes <- function(p, name, keep) {
+.ai_bind_string_bytes <- function(p, name) {
   a <- vapply(p, function(q) as.numeric(q$offs[1L]), 0)
   z <- vapply(p, function(q) as.numeric(q$offs[q$n + 1L]), 0)
   n <- sum(vapply(p, function(q) as.numeric(q$n), 0))
-  if (sum(z - a) > .ai_max_chunk) {
-    x <- do.call(c, lapply(p, function(q) .ai_decode_strings(q$data, q$offs, q$n, q$valid, name, TRUE)))
-    pieces <- lapply(p, function(q) list(data = q$data, offs = q$offs))
-  } else {
-    base <- cumsum(c(0, z - a))
-    data <- do.call(c, lapply(seq_along(p), function(i) .ai_byte_range(p[[i]]$data, a[i], z[i])))
-    offs <- c(0L, unlist(lapply(seq_along(p), function(i) {
-      o <- p[[i]]$offs
-      if (p[[i]]$n == 0L) integer(0)
-      else if (!is.integer(o)) as.integer(o[-1L] - (a[i] - base[i]))
-      else if (a[i] == base[i]) o[-1L]
-      else o[-1L] + as.integer(base[i] - a[i])
-    }), use.names = FALSE))
-    valid <- if (all(vapply(p, function(q) is.null(q$valid), NA))) NULL
-             else unlist(lapply(p, function(q) if (is.null(q$valid)) rep(TRUE, q$n) else q$valid),
-                         use.names = FALSE)
-    p <- NULL
-    .ai_make_room(n, length(data))
-    x <- .ai_decode_strings(data, offs, n, valid, name, TRUE)
-    pieces <- list(list(data = data, offs = offs))
-  }
-  if (is.environment(keep))
-    keep$cols[[length(keep$cols) + 1L]] <- list(kind = "utf8", x = x, pieces = pieces)
-  x
+  if (sum(z - a) > .ai_max_chunk)
+    return(do.call(c, lapply(p, function(q) .ai_decode_strings(q$data, q$offs, q$n, q$valid, name,
+                                                               TRUE, q$ascii))))
+  ascii <- all(vapply(p, function(q) q$ascii, NA))
+  base <- cumsum(c(0, z - a))
+  data <- do.call(c, lapply(seq_along(p), function(i) .ai_byte_range(p[[i]]$data, a[i], z[i])))
+  offs <- c(0L, unlist(lapply(seq_along(p), function(i) {
+    o <- p[[i]]$offs
+    if (p[[i]]$n == 0L) integer(0)
+    else if (!is.integer(o)) as.integer(o[-1L] - (a[i] - base[i]))
+    else if (a[i] == base[i]) o[-1L]
+    else o[-1L] + as.integer(base[i] - a[i])
+  }), use.names = FALSE))
+  valid <- if (all(vapply(p, function(q) is.null(q$valid), NA))) NULL
+           else unlist(lapply(p, function(q) if (is.null(q$valid)) rep(TRUE, q$n) else q$valid),
+                       use.names = FALSE)
+  p <- NULL
+  .ai_make_room(n, length(data))
+  .ai_decode_strings(data, offs, n, valid, name, TRUE, ascii)
 }
 
 # Room in R's vector heap for n strings of `bytes` bytes in all (the column,
@@ -1244,15 +1288,6 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
   else d[(a + 1):z]
 }
 
-# The column of int64 pieces p (one per batch); their values buffers (the
-# int64 bits, read as doubles) appended to keep$cols, for .ai_known_int64.
-.ai_bind_int64 <- function(p, keep) {
-  x <- .ai_bind_values(p)
-  keep$cols[[length(keep$cols) + 1L]] <- list(kind = "int64", x = x,
-                                              bits = lapply(p, function(q) q$bits))
-  x
-}
-
 # The values $x of pieces p, one vector.
 .ai_bind_values <- function(p)
   if (length(p) == 1L) p[[1L]]$x else do.call(c, lapply(p, function(q) q$x))
@@ -1281,6 +1316,7 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
   state$dicts <- list()
   state$warn <- list()
   state$warned <- list()
+  state$na_bits <- list()
   state
 }
 
@@ -1344,7 +1380,6 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
   vf <- list(name = f$name, type = f$type, dict = NULL)
   data <- .fb_subtable(db, 1L)
   if (is.null(data)) stop(.ai_codec_error("dictionary batch without data"))
-  opts$keep <- FALSE                     # a dictionary's values are not a column
   opts$defer <- FALSE
   db <- .ai_decode_batch(data, msg, list(vf), opts, state, "dictionary batch")
   vals <- db$cols[[1L]]
@@ -1384,6 +1419,7 @@ arrow_prepare_frame <- function(df, known = NULL, int64_names = NULL) {
   if (is.null(nms)) nms <- rep("", length(df))
   nms[is.na(nms)] <- "NA"
   cols <- vector("list", length(df))
+  refs <- list()
   for (j in seq_along(df)) {
     x <- df[[j]]
     name <- nms[j]
@@ -1394,7 +1430,11 @@ arrow_prepare_frame <- function(df, known = NULL, int64_names = NULL) {
     if (length(x) != nrow)
       .ai_col_error(name, sprintf("has %d values for %d rows", length(x), nrow))
     cls <- class(x)
-    col <- if (inherits(x, "wb_int64")) {
+    ref <- if (nrow > 0L) .ai_known_column(x, name, known, int64_names)
+    if (!is.null(ref)) refs[[as.character(j - 1L)]] <- ref
+    col <- if (!is.null(ref)) {
+      list(kind = "ref")
+    } else if (inherits(x, "wb_int64")) {
       # integral doubles to be written as int64 (used for workerbridge's own columns)
       v <- as.numeric(unclass(x))
       r <- if (length(v)) suppressWarnings(range(v, na.rm = TRUE)) else c(0, 0)  # all NA: Inf, -Inf
@@ -1428,17 +1468,9 @@ arrow_prepare_frame <- function(df, known = NULL, int64_names = NULL) {
     } else if (is.integer(x)) {
       list(kind = "int32", x = as.vector(x))
     } else if (is.double(x)) {
-      bits <- if (name %in% int64_names) .ai_known_int64(x, known)
-      if (is.null(bits)) list(kind = "float64", x = as.vector(x))
-      else list(kind = "int64", x = x, bits = bits)
+      list(kind = "float64", x = as.vector(x))
     } else if (is.character(x)) {
-      bits <- if (name %in% int64_names) .ai_known_int64(x, known)
-      x <- as.vector(x)
-      # a column as read goes back as its bytes: no need to make it UTF-8
-      got <- if (is.null(bits)) .ai_known_strings(x, known)
-      if (!is.null(got)) list(kind = "utf8", x = x, known = got)
-      else if (!is.null(bits)) list(kind = "int64", x = enc2utf8(x), bits = bits)
-      else .ai_string_column(enc2utf8(x))
+      .ai_string_column(enc2utf8(as.vector(x)))
     } else if (is.list(x)) {
       isnull <- vapply(x, is.null, NA)
       ok <- isnull | vapply(x, is.raw, NA)
@@ -1457,45 +1489,21 @@ arrow_prepare_frame <- function(df, known = NULL, int64_names = NULL) {
     col$name <- name
     cols[[j]] <- col
   }
-  structure(list(cols = cols, nrow = nrow), class = "arrow_prepared_frame")
+  structure(list(cols = cols, nrow = nrow, refs = refs), class = "arrow_prepared_frame")
 }
 
-# For a character column x, the bytes and int32 offsets it was read from,
-# list(data = <raw pieces>, offs = <integer pieces>), when `known` (keep$cols of a
-# read) holds a column identical to it, else NULL.  identical() compares
-# strings by address first: an unchanged column costs one pass over its
-# pointers, a changed one stops at its first change.
-.ai_known_strings <- function(x, known) {
-  for (k in known) {
-    if (k$kind != "utf8" || !identical(k$x, x)) next
-    data <- list()
-    offs <- list()                       # the first piece's whole, with its 0: no copy
-    base <- 0
-    for (q in k$pieces) {
-      m <- length(q$offs) - 1L
-      if (m < 1L) next
-      z <- q$offs[m + 1L]
-      # (pyarrow writes offsets from 0; a writer that does not gets its
-      # column encoded again)
-      if (q$offs[1L] != 0 || length(q$data) < z || base + z > .ai_max_offset) return(NULL)
-      d <- q$data
-      if (length(d) > z) length(d) <- z  # a padded buffer's spare bytes (one copy)
-      data[[length(data) + 1L]] <- d
-      o <- if (!length(offs)) q$offs else q$offs[-1L]
-      offs[[length(offs) + 1L]] <- if (!is.integer(o)) as.integer(o + base)
-                                   else if (base == 0) o
-                                   else o + as.integer(base)
-      base <- base + z
-    }
-    return(list(data = data, offs = if (length(offs)) offs else list(0L)))
+# The 0-based position of the kept column (known: keep$cols of a read) that
+# the column x is, bit for bit (doubles: -0 is not 0) and with its
+# attributes, when it comes back unchanged from that position (one of the
+# same name first), else NULL.  identical() compares by address first: a
+# column left as read costs nothing, a changed one stops at its first difference.
+.ai_known_column <- function(x, name, known, int64_names) {
+  if (!length(known)) return(NULL)
+  same <- vapply(known, function(k) identical(k$name, name), NA)
+  for (k in c(known[same], known[!same])) {
+    if (is.na(k$kind) || (k$kind == "int64" && !(name %in% int64_names))) next
+    if (identical(k$x, x, num.eq = FALSE)) return(k$index)
   }
-  NULL
-}
-
-# The int64 values buffers (as doubles) that the column x was read from, when
-# `known` holds an int64 column identical to it, else NULL.
-.ai_known_int64 <- function(x, known) {
-  for (k in known) if (k$kind == "int64" && identical(k$x, x)) return(k$bits)
   NULL
 }
 
@@ -1555,6 +1563,7 @@ arrow_prepare_frame <- function(df, known = NULL, int64_names = NULL) {
 
 .ai_type_table <- function(kind, tz = NULL) {
   switch(kind,
+    ref = list(1L, .fbb_table()),                # Null
     bool = list(6L, .fbb_table()),
     int32 = list(2L, .fbb_table(.fbb_field(0L, "i32", 32L), .fbb_field(1L, "bool", 1L))),
     int64 = list(2L, .fbb_table(.fbb_field(0L, "i32", 64L), .fbb_field(1L, "bool", 1L))),
@@ -1656,6 +1665,11 @@ arrow_prepare_frame <- function(df, known = NULL, int64_names = NULL) {
     }
   }
   for (col in prep$cols) {
+    if (col$kind == "ref") {           # type Null: a field node, no buffers
+      nlen[length(nlen) + 1L] <- n
+      nnull[length(nnull) + 1L] <- n
+      next
+    }
     x <- if (is.null(rows)) col$x else col$x[rows]
     # na: the null slots, or NULL when there are none (NaN is a value, not a null)
     na <- if (col$kind == "binary") (if (is.null(rows)) col$isnull else col$isnull[rows])
@@ -1670,21 +1684,12 @@ arrow_prepare_frame <- function(df, known = NULL, int64_names = NULL) {
       bool = { if (nc) x[na] <- FALSE; add(.ai_bitmap(x)) },
       int32 = add(.ai_vec(x, 4L)),
       dict = { if (nc) x[na] <- 1L; add(.ai_vec(x - 1L, 4L)) },
-      int64 = if (!is.null(col$bits)) {
-        # the values as they were read (their bits, kept as doubles)
-        if (is.null(rows)) do.call(add, lapply(col$bits, .ai_vec, 8L))
-        else add(.ai_vec(unlist(col$bits, use.names = FALSE)[rows], 8L))
-      } else add(if (is.null(col$i32)) .ai_int64_piece(x)
-                 else .ai_vec(if (is.null(rows)) col$i32 else col$i32[rows], 8L)),
+      int64 = add(if (is.null(col$i32)) .ai_int64_piece(x)
+                  else .ai_vec(if (is.null(rows)) col$i32 else col$i32[rows], 8L)),
       float64 = add(.ai_vec(x, 8L)),
       date32 = { if (nc) x[na] <- 0; add(.ai_vec(as.integer(x), 4L)) },
       timestamp = add(.ai_int64_piece(round(x * 1e6))),
-      utf8 = if (is.null(rows) && !is.null(col$known)) {
-        # the bytes the column was read from (a null slot's bytes, if any,
-        # stay: the bitmap marks it null)
-        do.call(add, lapply(col$known$offs, .ai_vec, 4L))
-        do.call(add, col$known$data)
-      } else {
+      utf8 = {
         if (nc) x[na] <- ""
         lens <- nchar(x, type = "bytes")
         # integer sums: an overflow (NA) means more than 2^31 - 1 bytes

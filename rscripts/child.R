@@ -706,9 +706,9 @@ local({
   prof <- tk$prof
   out <- tk$out
   t_read <- prof$now()
-  # the string and int64 columns' Arrow bytes: one the closure leaves as it
-  # is goes back as it came, with no re-encoding (int64: when the output
-  # schema has an int64 column of its name, TASK int64_out)
+  # the input's columns: one the closure leaves as it is goes back named, not
+  # written (the Worker puts back what it sent; int64: when the output schema
+  # has an int64 column of its name, TASK int64_out)
   kept <- new.env(parent = emptyenv())
   df <- wb_read_input(con, tk, keep = kept)
   if (inherits(df, "arrow_codec_error")) return(wb_task_failed(tk, wb_codec_failure(df)))
@@ -738,7 +738,9 @@ local({
   if (inherits(prep, "error")) return(wb_task_failed(tk, wb_result_failure(prep)))
   rows_out <- prep$nrow
   tk$log(wb_lifecycle("returned", rows = rows_out))
-  wb_send_frame(out$write, "OUTPUT")
+  # OUTPUT's payload: {"input_columns": {output position: input position}}
+  wb_send_frame(out$write, "OUTPUT",
+                if (length(prep$refs)) wb_json_encode(list(input_columns = prep$refs)) else raw())
   wb_nojit(arrow_write_stream(prep, prof$writer(wb_piece_writer(out)), batch_rows = tk$batch_rows,
                               vectors = TRUE))
   prof$add("encode", prof$now() - t0 - prof$send_time())

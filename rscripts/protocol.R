@@ -5,9 +5,10 @@
 # tests/test_r_protocol_table.py keeps the two equal.
 #
 # Frames: an 8-byte header (int32 message type, big-endian; uint32 payload
-# length, big-endian), then the payload.  INPUT and OUTPUT have an empty
-# payload and announce that a raw Arrow IPC stream follows on the socket.
-# JSON payloads are UTF-8.
+# length, big-endian), then the payload.  INPUT and OUTPUT announce that a
+# raw Arrow IPC stream follows on the socket; OUTPUT's payload may name the
+# output columns the Worker puts back from the input ({"input_columns"}, see
+# protocol.py).  JSON payloads are UTF-8.
 #
 # Base R only.  Public functions:
 #   wb_read_exact(con, n)                     -> raw(n) or a wb_peer_closed error

@@ -4,15 +4,20 @@ partitions through a real Worker and R child, both ways, values unchanged."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import numpy as np
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from wbtest import ROOT, RUNTIME
 from workerbridge.driver.closure import R, pack
 from workerbridge.driver.gateway import Gateway
 from workerbridge.task import dictionary
-from workerbridge.wire import repeats
+from workerbridge.wire import protocol, repeats
 from workerbridge.task.spec import TaskSpec, WorkerOptions
 from workerbridge.task.worker import Worker
 
@@ -96,3 +101,55 @@ def test_r_factors_and_repeated_results_come_back_plain():
         k = table.column("k").to_pylist()
         assert out.column("f").to_pylist() == [v if v in ("ké", "中文") else None for v in k]
         assert out.column("r").to_pylist() == (["a", "b", None] * 150_000)[:table.num_rows]
+
+
+ASCII_TEXT = st.text(st.characters(max_codepoint=0x7F, blacklist_characters="\x00"), max_size=6)
+ANY_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+                   max_size=6)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.none() | ASCII_TEXT | ANY_TEXT, max_size=30), st.booleans(),
+       st.integers(0, 30), st.integers(0, 30))
+def test_ascii_columns_names_exactly_the_all_ascii_string_columns(values, large, a, b):
+    """The flag R trusts (skipping its UTF-8 check) is set exactly when every
+    value of the batch's slice is ASCII: slices, nulls, large_string, and an
+    int column that is never named; the bytes of rows outside the slice do
+    not count."""
+    arr = pa.array(values, pa.large_string() if large else pa.string())
+    batch = pa.record_batch({"n": pa.array(range(len(values))), "s": arr})
+    lo, hi = min(a, b, len(values)), min(max(a, b), len(values))
+    part = batch.slice(lo, hi - lo)
+    ascii = all(v.isascii() for v in values[lo:hi] if v is not None)
+    want = {protocol.ASCII_COLUMNS_KEY: "1"} if ascii else {}
+    assert dictionary.ascii_columns(part) == want
+
+
+ASCII_FLAG_R = r"""
+args <- commandArgs(trailingOnly = TRUE)
+invisible(Sys.setlocale("LC_CTYPE", "C.UTF-8"))       # as the child makes sure
+source(args[1L])
+df <- arrow_read_stream(args[2L])
+cat(Encoding(df$s), "\n")
+"""
+
+
+@pytest.mark.parametrize("flagged", [False, True])
+def test_the_r_reader_trusts_the_ascii_flag(tmp_path, flagged):
+    """The reader acts on the flag (here a false one, to make it visible): a
+    non-ASCII string is marked UTF-8 after R's own check, and left as it is
+    when the batch says its column is all ASCII."""
+    batch = pa.record_batch({"s": pa.array(["é"])})
+    path = tmp_path / "in.arrows"
+    with pa.OSFile(str(path), "wb") as f, pa.ipc.new_stream(f, batch.schema) as w:
+        w.write_batch(batch, custom_metadata={protocol.ASCII_COLUMNS_KEY: "0"} if flagged else None)
+    r = subprocess.run(["Rscript", "--vanilla", "-e", ASCII_FLAG_R,
+                        os.path.join(ROOT, "rscripts", "arrow_ipc.R"), str(path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == (["unknown"] if flagged else ["UTF-8"])
+
+
+def test_the_key_is_the_r_readers():
+    with open(os.path.join(ROOT, "rscripts", "arrow_ipc.R"), encoding="utf-8") as f:
+        assert f'.ai_ascii_key <- "{protocol.ASCII_COLUMNS_KEY}"' in f.read()

@@ -38,7 +38,7 @@ from ..wire.lifecycle import language_of, line
 from ..wire.logline import level_of
 from .artifacts import PYTHON_ENV, R_PACKAGES, ShipError, describe, env_python, finish_env, unpack
 from .backend import accept_child, new_selector
-from . import dictionary
+from . import dictionary, passthrough
 from .conform import conform
 from .logsink import LogSink
 from .pool import POOL, Link
@@ -190,6 +190,8 @@ class Worker:
         self.stats: dict = {}
         self._writer_error: Optional[BaseException] = None
         self.shipped: dict = {}              # artifact kind -> its unpacked directory
+        # R, partition mode: what was sent, for the columns R names (passthrough)
+        self.sent = passthrough.SentColumns()
 
     # ---- the task -----------------------------------------------------------------
     def run(self, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -308,6 +310,7 @@ class Worker:
                 self.child.release()
         if self.writer is not None:
             self.writer.join(5.0)
+        self.sent.clear()
 
     def _start(self, argv: list, env: dict) -> Link:
         """A new child, connected and authenticated."""
@@ -455,9 +458,17 @@ class Worker:
             encode = dictionary.repeated_string_columns(head) \
                 if self.closure.language == R_LANG else []
             schema = dictionary.encoded_schema(head.schema, encode)
+            keep = self.closure.language == R_LANG and \
+                self.closure.options.get("batch_mode") != "batch"
             w = pa.ipc.new_stream(sink, schema)
             for batch in itertools.chain([head], batches):
-                w.write_batch(dictionary.encode_columns(batch, schema, encode))
+                if keep:
+                    self.sent.add(batch)
+                encoded = dictionary.encode_columns(batch, schema, encode)
+                if self.closure.language == R_LANG:
+                    w.write_batch(encoded, custom_metadata=dictionary.ascii_columns(encoded))
+                else:
+                    w.write_batch(encoded)
                 rows += batch.num_rows
             w.close()
             self.stats["rows_sent"] = rows
@@ -506,11 +517,15 @@ class Worker:
             if msg_type == P.ERROR:
                 raise self._closure_error(P.decode_json(payload))
             elif msg_type == P.OUTPUT:
+                refs = passthrough.input_columns(P.decode_json(payload) if payload else None)
+                self.stats["input_columns"] = len(refs)
                 rows = 0
                 reader = pa.ipc.open_stream(stream)
                 for batch in reader:
+                    for piece in passthrough.splice(dictionary.decode_dictionaries(batch),
+                                                    refs, self.sent, rows):
+                        yield self._conform(piece)
                     rows += batch.num_rows
-                    yield self._conform(dictionary.decode_dictionaries(batch))
                 self.stats["rows_read"] = self.stats.get("rows_read", 0) + rows
             elif msg_type == P.DONE:
                 self.stats.update(P.decode_json(payload))

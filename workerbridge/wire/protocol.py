@@ -16,9 +16,12 @@ Every frame is an 8-byte header, then the payload::
     uint32 payload length (big-endian, at most MAX_FRAME_BYTES;
                            at most MAX_AUTH_BYTES before the secret checks out)
 
-Two frames, ``INPUT`` and ``OUTPUT``, have an empty payload and announce that a
-raw Arrow IPC *stream* follows on the socket, ending with its own
-end-of-stream marker.  JSON payloads are UTF-8.
+Two frames, ``INPUT`` and ``OUTPUT``, announce that a raw Arrow IPC *stream*
+follows on the socket, ending with its own end-of-stream marker.  ``INPUT``'s
+payload is empty; ``OUTPUT``'s is empty or, from RScript in partition mode,
+``{"input_columns": {"<output position>": <input position>}}``: those output
+columns are of type Null and hold nothing, and the Worker puts back the input
+columns it sent (``task.passthrough``).  JSON payloads are UTF-8.
 
 Frames are written with ``socket.sendall`` and read from a buffered file-like
 object over the socket (``read(n)`` semantics), so that an Arrow stream reader
@@ -35,7 +38,8 @@ Order of one task::
                        serialize() (options "closure_format": "serialized")
     worker -> INPUT    + Arrow IPC stream of the partition's rows
     child  -> LOG*     {"level", "role", "message"}   (any time after WELCOME)
-    child  -> OUTPUT   + Arrow IPC stream of the result  (then DONE)
+    child  -> OUTPUT   + Arrow IPC stream of the result  (then DONE); payload
+                       empty or {"input_columns"} (RScript, partition mode)
            or ERROR    {"kind", "type", "message", "traceback", "call"}
     child  -> DONE     {"rows_in", "rows_out"}
     worker -> BYE      the child exits (EOF on the socket means the same)
@@ -49,6 +53,11 @@ import struct
 from typing import Any, BinaryIO
 
 PROTOCOL_VERSION = 1
+
+# The custom metadata key of an INPUT record batch that lists (comma-separated,
+# 0-based) its plain string columns whose bytes are all ASCII; the R reader
+# (rscripts/arrow_ipc.R, .ai_ascii_key) then skips its UTF-8 check of them.
+ASCII_COLUMNS_KEY = "workerbridge.ascii"
 
 # The constant table.  rscripts/protocol.R must hold the same names and values.
 MESSAGE_TYPES: dict[str, int] = {
