@@ -970,14 +970,10 @@
     if (!is.integer(lens)) lens <- as.integer(lens)
     out <- tryCatch(readChar(region, lens, useBytes = TRUE), error = function(e)
       .ai_col_error(name, "a string holds a NUL byte, which R strings cannot hold"))
-    if (ascii) {
-      if (!is.null(valid)) out[!valid] <- NA_character_
-      return(out)
-    }
     # chars < bytes exactly for non-ASCII UTF-8 (NA for invalid strings): the
-    # sums are equal only when all are ASCII
-    nc <- nchar(out, type = "chars", allowNA = TRUE)
-    total_nc <- sum(nc)                 # no overflow: total < 2^31 here
+    # sums are equal only when all are ASCII (not counted when the sender says so)
+    nc <- if (!ascii) nchar(out, type = "chars", allowNA = TRUE)
+    total_nc <- if (ascii) total else sum(nc)   # no overflow: total < 2^31 here
     rows <- if (!is.na(total_nc) && total_nc == total) integer(0)
             else which(is.na(nc) | nc != lens)
     if (length(rows)) {
@@ -1287,10 +1283,6 @@ arrow_read_stream <- function(src, int64 = c("double", "character"), factors = F
   else if (a == 0) { length(d) <- z; d }
   else d[(a + 1):z]
 }
-
-# The values $x of pieces p, one vector.
-.ai_bind_values <- function(p)
-  if (length(p) == 1L) p[[1L]]$x else do.call(c, lapply(p, function(q) q$x))
 
 # kinds(root) for .ai_read_message: the buffer kinds of a record batch, or of
 # a dictionary batch's values (NULL: all raw)

@@ -455,20 +455,16 @@ class Worker:
             batches = self._input_batches(first, rest)
             head = next(batches)
             # R: repeated string columns go dictionary-encoded (decided on the first batch)
-            encode = dictionary.repeated_string_columns(head) \
-                if self.closure.language == R_LANG else []
+            to_r = self.closure.language == R_LANG
+            encode = dictionary.repeated_string_columns(head) if to_r else []
             schema = dictionary.encoded_schema(head.schema, encode)
-            keep = self.closure.language == R_LANG and \
-                self.closure.options.get("batch_mode") != "batch"
+            keep = to_r and self.closure.options.get("batch_mode") != "batch"
             w = pa.ipc.new_stream(sink, schema)
             for batch in itertools.chain([head], batches):
                 if keep:
                     self.sent.add(batch)
                 encoded = dictionary.encode_columns(batch, schema, encode)
-                if self.closure.language == R_LANG:
-                    w.write_batch(encoded, custom_metadata=dictionary.ascii_columns(encoded))
-                else:
-                    w.write_batch(encoded)
+                w.write_batch(encoded, custom_metadata=dictionary.ascii_columns(encoded) if to_r else None)
                 rows += batch.num_rows
             w.close()
             self.stats["rows_sent"] = rows
